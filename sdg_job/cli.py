@@ -1,0 +1,112 @@
+"""`python -m sdg_job run|validate recipe=NAME|PATH [key=value …] [--preview] [--fresh]`.
+
+Exit codes: 0 ok; 2 bad input (recipe, seed file, override) with nothing written; 1 runtime failure, with
+finished shards kept so the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from sdg_job.config import Recipe, check_recipe, load_recipe, recipe_dict, resolve_recipe_path
+from sdg_job.errors import JobError, RecipeError
+from sdg_job.generate import offline_environment
+
+log = logging.getLogger("sdg_job")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sdg_job", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "generate the dataset"), ("validate", "check a recipe and print it resolved")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("args", nargs="*", metavar="recipe=NAME|PATH key=value", help="recipe and overrides")
+        if name == "run":
+            p.add_argument("--preview", action="store_true", help="generate and print 3 records; write nothing")
+            p.add_argument("--fresh", action="store_true", help="discard finished shards of an earlier run")
+    return parser.parse_args(argv)
+
+
+def _recipe_and_overrides(args: list[str]) -> tuple[str, list[str]]:
+    recipes = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
+    overrides = [a for a in args if not a.startswith("recipe=")]
+    if len(recipes) != 1 or not recipes[0]:
+        raise RecipeError("command line", "recipe", "give exactly one recipe=NAME or recipe=PATH")
+    return recipes[0], overrides
+
+
+def _log_to_run_dir(recipe: Recipe) -> None:
+    """Data Designer's chatter goes to a file in the run dir; the terminal keeps the job's own lines."""
+    logs = recipe.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "data_designer.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("data_designer", "httpx"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        ref, overrides = _recipe_and_overrides(ns.args)
+        recipe = load_recipe(ref, overrides, check=False)
+        source = str(resolve_recipe_path(ref))
+        # Before anything imports Data Designer. A preview writes nothing next to the output.
+        preview_home = Path(tempfile.gettempdir()) / "sdg-job-preview"
+        offline_environment(preview_home if getattr(ns, "preview", False) else recipe.run_dir / "dd_home")
+        check_recipe(recipe, source)
+        if ns.command == "validate":
+            print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True), end="")
+            print(f"# ok: {source}", file=sys.stderr)
+            return 0
+        from sdg_job import job  # heavy imports only when generating
+
+        if ns.preview:
+            with _quiet_preview():
+                records, dropped = job.preview(recipe)
+            for record in records:
+                print(json.dumps(record, ensure_ascii=False, indent=2))
+            print(f"# preview: {len(records)} valid, dropped {dropped or 'none'}; nothing written", file=sys.stderr)
+            return 0
+        job.check_credentials(recipe)
+        _log_to_run_dir(recipe)
+        manifest = job.run(recipe, source, fresh=ns.fresh)
+        print(
+            f"wrote {manifest['records']} records to {manifest['output_path']}\n"
+            f"manifest: {recipe.manifest_path}\n"
+            f"dropped: {manifest['dropped'] or 'none'}; {manifest['wall_time_s']} s"
+        )
+        return 0
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except JobError as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; run the same command to resume", file=sys.stderr)
+        return 130
+
+
+class _quiet_preview:
+    def __enter__(self) -> None:
+        for name in ("data_designer", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

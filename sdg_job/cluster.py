@@ -1,0 +1,146 @@
+"""Ray: one server actor per node, shard tasks pinned to the node whose server they use.
+
+A node takes part when it offers the custom resource `sdg_node` (`ray start --resources='{"sdg_node": 1}'`);
+each server actor claims the whole unit, so there is exactly one per node. The server binds to the node's
+loopback, so a shard task must run on its server's node: NodeAffinitySchedulingStrategy does that.
+Without RAY_ADDRESS the driver starts a local one-node cluster; with it, it joins. Same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from sdg_job.config import Recipe, ServeSpec
+from sdg_job.generate import Endpoint
+from sdg_job.plan import Shard
+from sdg_job.serve import API_KEY_ENV, Server, describe
+
+NODE_RESOURCE = "sdg_node"
+log = logging.getLogger("sdg_job")
+
+
+def connect(run_dir: Path) -> None:
+    """Join RAY_ADDRESS's cluster, or start a local one sized to this machine with one node slot."""
+    env_vars = {
+        "NEMO_TELEMETRY_ENABLED": "false",
+        "DATA_DESIGNER_HOME": str(run_dir / "dd_home"),
+        "TIKTOKEN_CACHE_DIR": str(run_dir / "dd_home" / "tiktoken"),
+    }
+    common: dict[str, Any] = dict(runtime_env={"env_vars": env_vars}, log_to_driver=False, configure_logging=False)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **common)
+    else:
+        ray.init(num_cpus=os.cpu_count(), resources={NODE_RESOURCE: 1}, include_dashboard=False, **common)
+
+
+def node_slots() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(NODE_RESOURCE, 0) >= 1)
+
+
+@ray.remote(num_cpus=0, resources={NODE_RESOURCE: 1}, max_restarts=0)
+class NodeServer:
+    """Owns the one LLM server of its node: start, health, restart after a crash, stop."""
+
+    def __init__(self, spec: ServeSpec, logs_dir: str):
+        self.node_id = ray.get_runtime_context().get_node_id()
+        log_path = Path(logs_dir) / f"server-{socket.gethostname()}-{self.node_id[:8]}.log"
+        self.server = Server(spec, log_path)
+
+    def start(self) -> dict:
+        self.server.start()
+        return self.info()
+
+    def info(self) -> dict:
+        return {"node_id": self.node_id, "host": socket.gethostname(), **describe(self.server)}
+
+    def api_key(self) -> str:
+        return self.server.api_key
+
+    def ensure_alive(self) -> int:
+        """Restart the server if it is dead or unhealthy; returns how often it has been restarted."""
+        if not self.server.alive() or not healthy(self.server.endpoint):
+            self.server.restart()
+        return self.server.restarts
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def healthy(endpoint_url: str) -> bool:
+    try:
+        return httpx.get(endpoint_url.removesuffix("/v1") + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: Endpoint, api_key: str | None,
+               run_dir: str, attempt: int) -> dict:  # fmt: skip
+    from sdg_job.job import run_shard
+    from sdg_job.store import RunStore
+
+    if api_key:
+        os.environ[API_KEY_ENV] = api_key
+    check = (lambda: healthy(endpoint.url)) if endpoint.served_model else None
+    return run_shard(recipe, shard, seed_rows, endpoint, RunStore(Path(run_dir)), attempt=attempt, server_ok=check)
+
+
+@dataclass
+class Node:
+    """One place shard tasks can run: a node with its own server, or (remote provider) anywhere."""
+
+    endpoint: Endpoint
+    slots: int
+    actor: Any = None
+    node_id: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    info: dict = field(default_factory=dict)
+    inflight: int = 0
+
+    def submit(self, recipe: Recipe, shard: Shard, seed_rows: list[dict], run_dir: Path, attempt: int):
+        self.inflight += 1
+        options: dict[str, Any] = {}
+        if self.node_id:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+        return shard_task.options(**options).remote(
+            recipe, shard, seed_rows, self.endpoint, self.api_key, str(run_dir), attempt
+        )
+
+    def recover(self) -> None:
+        """After a failed shard: make sure this node's server is up again."""
+        if self.actor is not None:
+            self.info["restarts"] = ray.get(self.actor.ensure_alive.remote())
+
+
+def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int) -> list[Node]:
+    """One NodeServer per node slot in the cluster, all started in parallel and health-gated."""
+    assert recipe.serve is not None
+    count = node_slots()
+    if count == 0:
+        raise RuntimeError(f"no Ray node offers the {NODE_RESOURCE!r} resource")
+    actors = [NodeServer.remote(recipe.serve, str(logs_dir)) for _ in range(count)]
+    t0 = time.monotonic()
+    infos = ray.get([a.start.remote() for a in actors])
+    log.info("%d %s server(s) healthy in %.1fs", count, recipe.serve.engine, time.monotonic() - t0)
+    nodes = []
+    for actor, info in zip(actors, infos, strict=True):
+        endpoint = Endpoint(info["endpoint"], API_KEY_ENV, recipe.serve.served_model_name, parallel)
+        key = ray.get(actor.api_key.remote())
+        nodes.append(Node(endpoint, workers_per_node, actor, info["node_id"], key, info))
+    return nodes
+
+
+def stop_node_servers(nodes: list[Node]) -> None:
+    actors = [n.actor for n in nodes if n.actor is not None]
+    if actors:
+        ray.get([a.stop.remote() for a in actors], timeout=60)

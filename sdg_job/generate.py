@@ -1,0 +1,191 @@
+"""One shard's records: recipe columns → Data Designer config → `create()` against one endpoint → raw rows.
+
+This is the only module that imports Data Designer's engine. It knows nothing of YAML, Ray or merging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdg_job.config import (
+    ExpressionColumn,
+    LLMJudgeColumn,
+    LLMStructuredColumn,
+    LLMTextColumn,
+    Recipe,
+    SamplerColumn,
+)
+
+log = logging.getLogger("sdg_job.generate")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a shard sends its requests. The key travels as an env-var NAME, resolved by Data Designer."""
+
+    url: str
+    api_key_env: str | None
+    served_model: str | None = None  # set for provider: local, where the server serves exactly one model
+    max_parallel_requests: int = 4
+
+
+@dataclass
+class GenerationResult:
+    rows: list[dict[str, Any]]
+    requested: int
+    failed: int  # rows Data Designer dropped (failed LLM calls, unparsable output)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def offline_environment(home: Path) -> None:
+    """Call before Data Designer is imported (it reads these at import): no telemetry, its home in the run dir."""
+    os.environ.setdefault("NEMO_TELEMETRY_ENABLED", "false")
+    os.environ.setdefault("DATA_DESIGNER_HOME", str(home))
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
+
+
+def structured_schema(column: LLMStructuredColumn | LLMJudgeColumn) -> dict[str, Any]:
+    """The JSON schema Data Designer will parse the column's answer against."""
+    if isinstance(column, LLMStructuredColumn):
+        return column.output_format
+    from data_designer.config import Score
+    from data_designer.engine.column_generators.utils.judge_score_factory import (
+        create_judge_response_model,
+        create_judge_structured_output_model,
+    )
+
+    scores = [Score(name=s.name, description=s.description, options=dict(s.options)) for s in column.scores]
+    model = create_judge_structured_output_model([create_judge_response_model(s) for s in scores])
+    return model.model_json_schema()
+
+
+def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | None):
+    """Data Designer config for one shard. Structured and judge columns get a model alias of their own whose
+    `extra_body.response_format` carries the column's schema, so the server decodes valid JSON (guided decoding);
+    without it a small model fails to parse and the row is lost."""
+    import data_designer.config as dd
+    import pandas as pd
+
+    builder = dd.DataDesignerConfigBuilder(model_configs=[])
+
+    def add_model(alias: str, model_key: str, extra_body: dict | None = None) -> None:
+        spec = recipe.models[model_key]
+        params = spec.inference_parameters
+        body = {**(params.extra_body or {}), **(extra_body or {})} or None
+        builder.add_model_config(
+            dd.ModelConfig(
+                alias=alias,
+                model=endpoint.served_model or spec.model,
+                provider="sdg",
+                skip_health_check=True,
+                inference_parameters=dd.ChatCompletionInferenceParams(
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    max_tokens=params.max_tokens,
+                    timeout=params.timeout,
+                    max_parallel_requests=endpoint.max_parallel_requests,
+                    extra_body=body,
+                ),
+            )
+        )
+
+    for alias in recipe.models:
+        add_model(alias, alias)
+
+    if seed_rows:
+        builder.with_seed_dataset(
+            dd.DataFrameSeedSource(df=pd.DataFrame(seed_rows)), sampling_strategy=dd.SamplingStrategy.ORDERED
+        )
+
+    for name, col in recipe.columns.items():
+        if isinstance(col, SamplerColumn):
+            builder.add_column(dd.SamplerColumnConfig(name=name, sampler_type=col.sampler_type, params=col.params))
+        elif isinstance(col, ExpressionColumn):
+            builder.add_column(dd.ExpressionColumnConfig(name=name, expr=col.expr, dtype=col.dtype))
+        elif isinstance(col, (LLMStructuredColumn, LLMJudgeColumn)):
+            alias = col.model_alias
+            if recipe.generation.guided_decoding:
+                alias = f"{col.model_alias}__{name}"
+                schema = structured_schema(col)
+                response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+                add_model(alias, col.model_alias, {"response_format": response_format})
+            common = dict(name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=alias)
+            if isinstance(col, LLMStructuredColumn):
+                builder.add_column(dd.LLMStructuredColumnConfig(**common, output_format=col.output_format))
+            else:
+                scores = [dd.Score(name=s.name, description=s.description, options=dict(s.options)) for s in col.scores]
+                builder.add_column(dd.LLMJudgeColumnConfig(**common, scores=scores))
+        elif isinstance(col, LLMTextColumn):
+            builder.add_column(
+                dd.LLMTextColumnConfig(
+                    name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=col.model_alias
+                )
+            )
+    return builder
+
+
+class _TokenCounter:
+    """Sums Data Designer's token-usage events for the duration of one create()."""
+
+    def __init__(self) -> None:
+        self.input = self.output = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        with self._lock:
+            self.input += event.input_tokens
+            self.output += event.output_tokens
+
+
+def generate(
+    recipe: Recipe, endpoint: Endpoint, num_records: int, seed_rows: list[dict] | None, work_dir: Path
+) -> GenerationResult:
+    """Run Data Designer for `num_records` rows. Never raises for bad rows: they are counted as failed."""
+    import data_designer.config as dd
+    from data_designer.engine.models.usage_events import subscribe_token_usage
+    from data_designer.interface import DataDesigner
+
+    provider = dd.ModelProvider(name="sdg", endpoint=endpoint.url, api_key=endpoint.api_key_env or "none")
+    designer = DataDesigner(artifact_path=work_dir, model_providers=[provider], auto_configure_logging=False)
+    # Early shutdown would throw away every good row of the shard when a small model misbehaves; the job
+    # counts failures itself and tops up, so keep whatever succeeds.
+    designer.set_run_config(
+        dd.RunConfig(
+            disable_early_shutdown=True,
+            otel_metrics_port=None,
+            buffer_size=max(num_records, 1),
+            progress_interval=3600,
+        )
+    )
+    builder = build_config(recipe, endpoint, seed_rows)
+    counter = _TokenCounter()
+    unsubscribe = subscribe_token_usage(counter)
+    try:
+        result = designer.create(builder, num_records=num_records, dataset_name="shard")
+        frame = result.load_dataset()
+        rows = json.loads(frame.to_json(orient="records", force_ascii=False))
+        error = None
+    except Exception as e:  # Data Designer raises when every row of the shard failed
+        log.warning("shard generation produced no rows: %s", str(e).splitlines()[0][:300])
+        rows, error = [], f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    finally:
+        unsubscribe()
+    failed = max(num_records - len(rows), 0)
+    return GenerationResult(
+        rows=rows,
+        requested=num_records,
+        failed=failed,
+        input_tokens=counter.input,
+        output_tokens=counter.output,
+        error=error,
+        reasons={"generation_failed": failed} if failed else {},
+    )

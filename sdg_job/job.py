@@ -1,0 +1,331 @@
+"""The driver: plan → serve → generate shards on Ray → project → commit → top up to exactly N → merge + manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from sdg_job.config import Recipe, recipe_dict, recipe_hash
+from sdg_job.errors import JobError, RecipeError, ServerUnavailable
+from sdg_job.generate import Endpoint, generate
+from sdg_job.plan import Shard, make_shard, plan_shards, top_up_size
+from sdg_job.progress import JobProgress
+from sdg_job.project import project_rows
+from sdg_job.seeds import file_sha256, read_seed_rows
+from sdg_job.serve import API_KEY_ENV, Server
+from sdg_job.store import RunStore, atomic_write, jsonl, unique_records
+
+log = logging.getLogger("sdg_job")
+PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
+REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
+
+
+def check_credentials(recipe: Recipe) -> None:
+    """A hosted provider without its key fails before anything is written (an openai-compatible endpoint
+    may legitimately run without one, like a local vLLM started without --api-key)."""
+    if recipe.provider == "nvidia":
+        key_env = recipe.providers["nvidia"].api_key_env
+        if key_env and not os.environ.get(key_env):
+            raise RecipeError("environment", key_env, f"is not set; provider nvidia needs an API key in ${key_env}")
+
+
+def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
+    provider = recipe.providers[recipe.provider]
+    key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
+    return Endpoint(provider.endpoint, key_env, None, parallel)
+
+
+def concurrency(recipe: Recipe) -> tuple[int, int]:
+    """(shard workers per node, requests in flight per worker): keep each server at its capacity."""
+    gen, serve = recipe.generation, recipe.serve
+    local = recipe.provider == "local" and serve is not None
+    workers = gen.workers_per_node or (serve.data_parallel_size if local and serve.engine == "vllm" else 1)
+    total = gen.max_parallel_requests or (serve.capacity if local else REMOTE_CONCURRENCY * workers)
+    return workers, max(1, math.ceil(total / workers))
+
+
+def run_shard(
+    recipe: Recipe,
+    shard: Shard,
+    seed_rows: list[dict],
+    endpoint: Endpoint,
+    store: RunStore,
+    attempt: int = 0,
+    server_ok: Callable[[], bool] | None = None,
+) -> dict:
+    """Generate, project and commit one shard; returns its summary. Commits nothing if the server died."""
+    started = time.monotonic()
+    work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
+    rows = [seed_rows[i] for i in shard.seed_rows] if seed_rows else None
+    result = generate(recipe, endpoint, shard.size, rows, work_dir)
+    if server_ok is not None and not server_ok():
+        raise ServerUnavailable(f"{endpoint.url} stopped answering during {shard.id}")
+    records, dropped = project_rows(recipe.output_projection, result.rows)
+    dropped.update(result.reasons)
+    summary = {
+        "shard": shard.id,
+        "requested": shard.size,
+        "generated": len(result.rows),
+        "valid": len(records),
+        "dropped": dict(dropped),
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "seconds": round(time.monotonic() - started, 3),
+        "retries": attempt,
+        "random_seed": shard.random_seed,
+        "endpoint": endpoint.url,
+        "worker": f"{os.uname().nodename}:{os.getpid()}",
+        "error": result.error,
+    }
+    store.commit(shard.id, records, summary)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return summary
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class Job:
+    """One run of a recipe into its run dir: the shard loop and everything the manifest reports."""
+
+    def __init__(self, recipe: Recipe, source: str, fresh: bool):
+        self.recipe, self.source = recipe, source
+        self.store = RunStore(recipe.run_dir)
+        self.store.open(recipe_hash(recipe), fresh, source)
+        self.seed_rows = read_seed_rows(recipe.seed_dataset.path) if recipe.seed_dataset else []
+        self.strategy = recipe.seed_dataset.strategy if recipe.seed_dataset else "ordered"
+        gen = recipe.generation
+        self.shards = plan_shards(
+            recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed
+        )
+        # A previous run may have topped up: its extra shards belong to this plan too.
+        while (extra := self.store.summary(self._id(len(self.shards)))) is not None:
+            self.shards.append(self._shard(len(self.shards), extra["requested"]))
+        self.summaries: dict[str, dict] = {}
+        for s in self.shards:
+            if (summary := self.store.summary(s.id)) is not None:
+                self.summaries[s.id] = summary
+        self.skipped = len(self.summaries)
+        self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
+
+    @staticmethod
+    def _id(index: int) -> str:
+        return f"shard-{index:05d}"
+
+    def _shard(self, index: int, size: int) -> Shard:
+        gen = self.recipe.generation
+        return make_shard(index, size, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed)
+
+    def attempted(self) -> int:
+        return sum(x["requested"] for x in self.summaries.values())
+
+    def top_up(self) -> Shard | None:
+        """The next shard when the committed records fall short of num_records, or None when done."""
+        n, gen = self.recipe.num_records, self.recipe.generation
+        records, dupes = unique_records(self.store, [s.id for s in self.shards], limit=n)
+        if len(records) >= n:
+            return None
+        requested = self.attempted()
+        budget = int(gen.budget * n)
+        if requested >= budget:
+            raise BudgetExhausted(len(records), requested)
+        valid = sum(x["valid"] for x in self.summaries.values()) - dupes
+        size = min(top_up_size(n - len(records), valid, requested, gen.shard_size), budget - requested)
+        self.shards.append(self._shard(len(self.shards), size))
+        log.info("topping up: %d of %d valid, adding %s (%d records)", len(records), n, self.shards[-1].id, size)
+        return self.shards[-1]
+
+    def run(self, nodes: list, progress: JobProgress) -> None:
+        """Keep every node's workers busy until exactly num_records valid records are committed."""
+        import ray
+
+        todo = deque(s for s in self.shards if s.id not in self.summaries)
+        attempts: dict[str, int] = {}
+        inflight: dict[Any, tuple[Shard, Any]] = {}
+        max_retries = self.recipe.generation.max_shard_retries
+        progress.update(self)
+        while True:
+            for node in nodes:
+                while todo and node.inflight < node.slots:
+                    shard = todo.popleft()
+                    ref = node.submit(self.recipe, shard, self.seed_rows, self.store.run_dir, attempts.get(shard.id, 0))
+                    inflight[ref] = (shard, node)
+            if not inflight:
+                shard = self.top_up()
+                if shard is None:
+                    return
+                todo.append(shard)
+                continue
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in done:
+                shard, node = inflight.pop(ref)
+                node.inflight -= 1
+                try:
+                    self.summaries[shard.id] = ray.get(ref)
+                except Exception as e:  # worker killed, node lost, server died: retry the shard
+                    attempts[shard.id] = attempts.get(shard.id, 0) + 1
+                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                    reason = type(cause).__name__
+                    self.failures.append({"shard": shard.id, "attempt": attempts[shard.id], "error": reason})
+                    log.warning("%s failed (%s); retry %d of %d", shard.id, reason, attempts[shard.id], max_retries)
+                    if attempts[shard.id] > max_retries:
+                        raise JobError(f"{shard.id} failed {attempts[shard.id]} times; last error: {e}") from None
+                    node.recover()
+                    todo.appendleft(shard)
+            progress.update(self)
+
+    def manifest(self, server_info: list[dict], started_at: datetime, wall: float, status: str) -> dict[str, Any]:
+        recipe, summaries = self.recipe, self.summaries
+        ids = [s.id for s in self.shards if s.id in summaries]
+        records, dupes = unique_records(self.store, ids, recipe.num_records)
+        dropped: Counter[str] = Counter()
+        for x in summaries.values():
+            dropped.update(x["dropped"])
+        if dupes:
+            dropped["duplicate"] += dupes
+        tokens_out = sum(x["output_tokens"] for x in summaries.values())
+        served = recipe.serve.served_model_name if recipe.provider == "local" and recipe.serve else None
+        return {
+            "status": status,
+            "recipe": recipe.name,
+            "recipe_file": self.source,
+            "recipe_sha256": recipe_hash(recipe),
+            "resolved_recipe": recipe_dict(recipe),
+            "seed": self._seed_info(),
+            "provider": recipe.provider,
+            "models": {
+                alias: {**m.model_dump(mode="json"), "model": served or m.model} for alias, m in recipe.models.items()
+            },
+            "servers": server_info,
+            "versions": versions(),
+            "output_path": str(recipe.output_path),
+            "num_records": recipe.num_records,
+            "records": len(records),
+            "attempted": self.attempted(),
+            "generated": sum(x["generated"] for x in summaries.values()),
+            "dropped": dict(sorted(dropped.items())),
+            "retries": len(self.failures),
+            "failures": self.failures,
+            "server_restarts": sum(s.get("restarts", 0) for s in server_info),
+            "tokens": {"input": sum(x["input_tokens"] for x in summaries.values()), "output": tokens_out},
+            "shards": [summaries[s.id] for s in self.shards if s.id in summaries],
+            "shards_skipped_on_resume": self.skipped,
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "wall_time_s": round(wall, 2),
+            "records_per_s": round(len(records) / wall, 3) if wall else None,
+            "output_tokens_per_s": round(tokens_out / wall, 1) if wall else None,
+        }
+
+    def _seed_info(self) -> dict | None:
+        seed = self.recipe.seed_dataset
+        if seed is None:
+            return None
+        return {"path": str(seed.path), "sha256": file_sha256(seed.path), "rows": len(self.seed_rows),
+                "strategy": seed.strategy}  # fmt: skip
+
+    def merge(self, partial: bool) -> int:
+        """Committed shards, in plan order, without duplicates, cut at num_records → the output, atomically."""
+        ids = [s.id for s in self.shards if s.id in self.summaries]
+        records, _ = unique_records(self.store, ids, self.recipe.num_records)
+        out = self.recipe.output_path
+        atomic_write(out.with_name(out.name + ".partial") if partial else out, jsonl(records))
+        return len(records)
+
+
+class BudgetExhausted(Exception):
+    def __init__(self, valid: int, attempted: int):
+        self.valid, self.attempted = valid, attempted
+
+
+def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
+    """Run the whole job; returns the manifest. Raises JobError (exit 1) when it cannot finish."""
+    from sdg_job import cluster
+
+    check_credentials(recipe)
+    started_at, t0 = datetime.now(timezone.utc), time.monotonic()
+    job = Job(recipe, source, fresh)
+    if job.skipped:
+        log.info("resuming: %d of %d planned shards already complete", job.skipped, len(job.shards))
+    workers, parallel = concurrency(recipe)
+    cluster.connect(recipe.run_dir)
+    nodes: list = []
+    status, error = "complete", None
+    try:
+        if recipe.provider == "local":
+            nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel)
+        else:
+            nodes = [cluster.Node(remote_endpoint(recipe, parallel), workers * max(1, cluster.node_slots()))]
+        with JobProgress(recipe.num_records) as progress:
+            job.run(nodes, progress)
+    except BudgetExhausted as e:
+        status = "budget_exhausted"
+        error = JobError(
+            f"budget exhausted: {e.attempted} records attempted (generation.budget={recipe.generation.budget} × "
+            f"{recipe.num_records}) gave only {e.valid} valid records. They are kept in "
+            f"{recipe.output_path}.partial; raise generation.budget or fix the recipe, then re-run to continue."
+        )
+    finally:
+        server_info = [n.info for n in nodes if n.info]
+        with contextlib.suppress(Exception):
+            cluster.stop_node_servers(nodes)
+        import ray
+
+        ray.shutdown()
+    count = job.merge(partial=status != "complete")
+    manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status)
+    atomic_write(recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if error is not None:
+        raise error
+    assert count == recipe.num_records
+    return manifest
+
+
+@contextlib.contextmanager
+def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Endpoint]:
+    """Preview path: one server in this process, no Ray."""
+    workers, parallel = concurrency(recipe)
+    if recipe.provider != "local":
+        yield remote_endpoint(recipe, parallel)
+        return
+    assert recipe.serve is not None
+    with Server(recipe.serve, logs_dir / "server.log") as server:
+        os.environ[API_KEY_ENV] = server.api_key
+        try:
+            yield Endpoint(server.endpoint, API_KEY_ENV, recipe.serve.served_model_name, parallel * workers)
+        finally:
+            os.environ.pop(API_KEY_ENV, None)
+
+
+def preview(recipe: Recipe, count: int = 3) -> tuple[list[dict], dict[str, int]]:
+    """A handful of projected records, generated for real, without touching the output or the run dir."""
+    check_credentials(recipe)
+    with tempfile.TemporaryDirectory(prefix="sdg-preview-") as tmp:
+        store = RunStore(Path(tmp))
+        store.open("preview", True, "preview")
+        seed_rows = read_seed_rows(recipe.seed_dataset.path) if recipe.seed_dataset else []
+        strategy = recipe.seed_dataset.strategy if recipe.seed_dataset else "ordered"
+        size = min(count, recipe.num_records)
+        shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
+        with _in_process_server(recipe, store.logs_dir) as endpoint:
+            summary = run_shard(recipe, shard, seed_rows, endpoint, store)
+        return store.records(shard.id), summary["dropped"]

@@ -1,0 +1,70 @@
+"""num_records → shards. Pure and deterministic: the same recipe always gives the same plan.
+
+Records are numbered 0, 1, 2, …; shard i covers records [i·S, i·S + size). Record r takes seed row
+`order[r mod n]`: for `ordered` the file order, for `shuffle` a permutation seeded by the recipe's random seed
+(a fresh one per pass over the file). So no seed row repeats until every row has been used once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    size: int
+    random_seed: int
+    seed_rows: tuple[int, ...]  # indices into the seed file, one per record
+
+    @property
+    def id(self) -> str:
+        return f"shard-{self.index:05d}"
+
+
+def _seed_for(base: int, *parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, (base, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _seed_row(record: int, n_rows: int, strategy: Literal["shuffle", "ordered"], base_seed: int) -> int:
+    epoch, pos = divmod(record, n_rows)
+    if strategy == "ordered":
+        return pos
+    order = list(range(n_rows))
+    random.Random(_seed_for(base_seed, "seed-order", epoch)).shuffle(order)
+    return order[pos]
+
+
+def make_shard(
+    index: int, size: int, shard_size: int, n_seed_rows: int, strategy: Literal["shuffle", "ordered"], base_seed: int
+) -> Shard:
+    start = index * shard_size
+    rows: tuple[int, ...] = ()
+    if n_seed_rows:
+        rows = tuple(_seed_row(r, n_seed_rows, strategy, base_seed) for r in range(start, start + size))
+    return Shard(index=index, size=size, random_seed=_seed_for(base_seed, "shard", index), seed_rows=rows)
+
+
+def plan_shards(
+    num_records: int,
+    shard_size: int,
+    n_seed_rows: int = 0,
+    strategy: Literal["shuffle", "ordered"] = "shuffle",
+    base_seed: int = 0,
+) -> list[Shard]:
+    count = math.ceil(num_records / shard_size)
+    return [
+        make_shard(i, min(shard_size, num_records - i * shard_size), shard_size, n_seed_rows, strategy, base_seed)
+        for i in range(count)
+    ]
+
+
+def top_up_size(missing: int, valid: int, requested: int, shard_size: int) -> int:
+    """Size of the next top-up shard: enough to cover `missing` at the yield seen so far, at most a full shard."""
+    yield_so_far = valid / requested if requested else 1.0
+    return max(1, min(shard_size, math.ceil(missing / max(yield_so_far, 0.2))))

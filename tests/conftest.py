@@ -1,0 +1,41 @@
+"""Shared helpers: run the real CLI in a subprocess, with outputs under a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def run_cli(*args: str, out_dir: Path, env: dict[str, str] | None = None, timeout: float = 900):
+    """`python -m sdg_job …` with SDG_OUTPUT_DIR pointing at `out_dir`."""
+    full_env = {**os.environ, "SDG_OUTPUT_DIR": str(out_dir), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sdg_job", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def all_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]

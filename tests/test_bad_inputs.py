@@ -1,0 +1,103 @@
+"""Bad input → exit 2, a message naming the file and the key, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, all_files, run_cli
+
+GOOD_SEED = '{"domain": "Math", "topic": "primes"}\n'
+CASES = {
+    # name: (args, files to create in tmp, text the error must contain)
+    "unknown_top_level_key": (["colour=blue"], {}, "colour"),
+    "unknown_column_key": (["columns.user_message.promt=hi"], {}, "columns.user_message.promt"),
+    "template_names_unknown_field": (["columns.user_message.prompt=Ask about {{ planet }}"], {}, "planet"),
+    "template_names_later_column": (
+        ["columns.user_message.prompt={{ assistant_message }}"],
+        {},
+        "columns.user_message.prompt",
+    ),
+    "jinja_syntax_error": (["columns.user_message.prompt=Ask {{ topic"], {}, "columns.user_message.prompt"),
+    "unknown_model_alias": (["columns.user_message.model_alias=ghost"], {}, "columns.user_message.model_alias"),
+    "projection_names_missing_column": (
+        ["output_projection.messages.0.column=ghost"],
+        {},
+        "output_projection.messages.0.column",
+    ),
+    "seed_file_missing": (["seed_dataset.path=/nonexistent/seeds.jsonl"], {}, "/nonexistent/seeds.jsonl"),
+    "seed_line_not_json": (
+        ["seed_dataset.path={tmp}/seeds.jsonl"],
+        {"seeds.jsonl": GOOD_SEED + "{not json\n"},
+        "line 2",
+    ),
+    "seed_line_missing_field": (
+        ["seed_dataset.path={tmp}/seeds.jsonl"],
+        {"seeds.jsonl": GOOD_SEED * 3 + '{"domain": "Art"}\n'},
+        "line 4",
+    ),
+    "seed_without_field_a_prompt_uses": (
+        ["seed_dataset.path={tmp}/seeds.jsonl"],
+        {"seeds.jsonl": '{"domain": "Math"}\n'},
+        "topic",
+    ),
+    "pasted_api_key": (["providers.nvidia.api_key_env=nvapi-abcdef123456"], {}, "providers.nvidia.api_key_env"),
+    "secret_value_interpolated": (["description=${oc.env:MY_SERVICE_TOKEN}"], {}, "MY_SERVICE_TOKEN"),
+    "zero_records": (["num_records=0"], {}, "num_records"),
+    "bad_seed_strategy": (["seed_dataset.strategy=random"], {}, "seed_dataset.strategy"),
+    "bad_sampler_params": (["columns.persona.params.values=[]"], {}, "columns.persona.params"),
+    "sampler_that_downloads": (["columns.persona.sampler_type=person"], {}, "columns.persona.sampler_type"),
+    "local_provider_without_serve": (["serve=null"], {}, "serve"),
+    "unknown_provider": (["provider=azure"], {}, "provider"),
+    "missing_env_interpolation": (["output_dir=${oc.env:SURELY_UNSET_VAR_42}"], {}, "output_dir"),
+    "override_without_equals": (["justaword"], {}, "justaword"),
+    "recipe_not_found": (["recipe=no_such_recipe"], {}, "no_such_recipe"),
+    "malformed_yaml": (["recipe={tmp}/broken.yaml"], {"broken.yaml": "name: [unclosed\n"}, "broken.yaml"),
+    "inheritance_cycle": (["recipe={tmp}/a.yaml"], {"a.yaml": "defaults: [b]\n", "b.yaml": "defaults: [a]\n"}, "cycle"),
+    "judge_options_not_a_b": (
+        ["recipe=rl_pref", "columns.preference.scores.0.options={X: x, Y: y}"],
+        {},
+        "output_projection.score",
+    ),
+    "tool_call_column_not_structured": (
+        ["recipe=customer_support_tools", "output_projection.messages.2.tool_call=customer_message"],
+        {},
+        "output_projection.messages.2.tool_call",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_and_writes_nothing(case: str, tmp_path: Path, out_dir: Path) -> None:
+    args, files, must_mention = CASES[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if not any(a.startswith("recipe=") for a in args):
+        args = ["recipe=tiny", *args]
+    env = {"MY_SERVICE_TOKEN": "s3cr3t-value-that-must-not-leak"}
+    result = run_cli("run", *args, out_dir=out_dir, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert must_mention in result.stderr
+    assert "s3cr3t-value" not in result.stderr + result.stdout
+    # the message names the recipe file (or the seed file / command line it came from)
+    assert any(s in result.stderr for s in (".yaml", ".jsonl", "command line", "environment")), result.stderr
+    assert all_files(out_dir) == []
+    assert not (REPO / "output").exists() or case != "zero_records"
+
+
+def test_nvidia_provider_without_key_exits_2_before_writing(out_dir: Path) -> None:
+    result = run_cli("run", "recipe=tiny", "provider=nvidia", out_dir=out_dir, env={"NVIDIA_API_KEY": ""})
+    assert result.returncode == 2 and "NVIDIA_API_KEY" in result.stderr
+    assert all_files(out_dir) == []
+
+
+def test_validate_prints_resolved_recipe_with_secrets_masked(out_dir: Path) -> None:
+    env = {"OPENAI_API_KEY": "sk-live-1234567890"}
+    result = run_cli("validate", "recipe=customer_support_tools", out_dir=out_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "api_key_env: OPENAI_API_KEY" in result.stdout
+    assert "sk-live" not in result.stdout
+    assert f"output_path: {out_dir}/customer_support_tools.jsonl" in result.stdout
+    assert all_files(out_dir) == []

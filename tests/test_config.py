@@ -1,0 +1,105 @@
+"""Recipe loading: inheritance, interpolation, overrides, provider switch, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdg_job.config import (
+    DPOPreferenceProjection,
+    LLMJudgeColumn,
+    LLMStructuredColumn,
+    StructuredMessagesProjection,
+    load_recipe,
+    mask_secrets,
+    recipe_hash,
+)
+from sdg_job.errors import RecipeError
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ["default", "tiny", "rl_pref", "customer_support_tools"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates(name: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert recipe.seed_dataset is not None and recipe.seed_dataset.path.is_file()
+
+
+def test_tiny_inherits_default_and_overrides_size_and_server() -> None:
+    default, tiny = load_recipe("default"), load_recipe("tiny")
+    assert list(tiny.columns) == list(default.columns)
+    assert tiny.columns["user_message"] == default.columns["user_message"]
+    assert tiny.num_records == 10 and default.num_records == 1000
+    assert tiny.serve is not None and tiny.serve.engine == "llama_cpp" and tiny.serve.model == "embedded"
+    assert default.serve is not None and default.serve.engine == "vllm"
+    assert tiny.models["text"].inference_parameters.max_tokens == 96
+    tiny_params, default_params = tiny.models["text"].inference_parameters, default.models["text"].inference_parameters
+    assert tiny_params.temperature == default_params.temperature
+
+
+def test_child_can_remove_and_retype_inherited_entries() -> None:
+    pref = load_recipe("rl_pref")
+    assert "user_message" not in pref.columns and "text" not in pref.models
+    assert isinstance(pref.output_projection, DPOPreferenceProjection)
+    assert isinstance(pref.columns["preference"], LLMJudgeColumn)
+    tools = load_recipe("customer_support_tools")
+    assert isinstance(tools.output_projection, StructuredMessagesProjection)
+    assert isinstance(tools.columns["tool_call"], LLMStructuredColumn)
+
+
+def test_output_dir_follows_sdg_output_dir_then_nemo_run_dir(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SDG_OUTPUT_DIR", raising=False)
+    monkeypatch.setenv("NEMO_RUN_DIR", str(tmp_path / "run"))
+    assert load_recipe("tiny").output_path == tmp_path / "run" / "sdg" / "tiny.jsonl"
+    monkeypatch.setenv("SDG_OUTPUT_DIR", str(tmp_path / "explicit"))
+    assert load_recipe("tiny").output_path == tmp_path / "explicit" / "tiny.jsonl"
+
+
+def test_overrides_are_nested_and_typed() -> None:
+    recipe = load_recipe(
+        "tiny",
+        [
+            "num_records=7",
+            "models.text.inference_parameters.temperature=0.25",
+            "generation.guided_decoding=false",
+            "columns.persona.params.values=[a pirate, a chef]",
+            "seed_dataset.strategy=ordered",
+        ],
+    )
+    assert recipe.num_records == 7
+    assert recipe.models["text"].inference_parameters.temperature == 0.25
+    assert recipe.generation.guided_decoding is False
+    assert recipe.columns["persona"].params["values"] == ["a pirate", "a chef"]  # type: ignore[union-attr]
+    assert recipe.seed_dataset is not None and recipe.seed_dataset.strategy == "ordered"
+
+
+def test_provider_is_a_one_word_switch(monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://gpu-box:8000/v1")
+    assert load_recipe("default", ["provider=openai"]).providers["openai"].endpoint == "http://gpu-box:8000/v1"
+    assert load_recipe("rl_pref", ["provider=nvidia"]).provider == "nvidia"
+
+
+def test_recipe_by_path_with_relative_defaults(tmp_path: Path) -> None:
+    own = tmp_path / "mine.yaml"
+    own.write_text("defaults: [rl_pref, layers/cpu]\nname: mine\nnum_records: 3\n")
+    recipe = load_recipe(str(own))
+    assert recipe.name == "mine" and recipe.serve is not None and recipe.serve.engine == "llama_cpp"
+    assert recipe.seed_dataset is not None and recipe.seed_dataset.path == REPO / "seeds" / "pref_prompts.jsonl"
+
+
+def test_recipe_hash_ignores_size_but_not_content() -> None:
+    base = recipe_hash(load_recipe("tiny"))
+    assert recipe_hash(load_recipe("tiny", ["num_records=40"])) == base
+    assert recipe_hash(load_recipe("tiny", ["columns.user_message.prompt=Ask about {{ topic }}"])) != base
+
+
+def test_secret_values_are_refused_and_masked(monkeypatch) -> None:
+    monkeypatch.setenv("NVIDIA_API_KEY", "nvapi-sentinel-0123456789")
+    with pytest.raises(RecipeError) as e:
+        load_recipe("tiny", ["description=${oc.env:NVIDIA_API_KEY}"])
+    assert e.value.key == "description" and "NVIDIA_API_KEY" in str(e.value)
+    assert "nvapi-sentinel" not in str(e.value)
+    assert mask_secrets({"a": ["x nvapi-sentinel-0123456789 y"]}) == {"a": ["x *** y"]}

@@ -1,0 +1,164 @@
+"""End to end on the real embedded server: llama.cpp + SmolLM2-135M, real Data Designer, Ray, OmegaConf.
+
+The tiny model's answers are fluent but often wrong: these tests assert structure and counts, never content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, all_files, read_jsonl, run_cli
+
+pytestmark = pytest.mark.e2e
+SENTINEL = "nvapi-SENTINEL-must-never-be-written-0001"
+
+
+def cpu_recipe(tmp_path: Path, base: str, extra: str = "") -> str:
+    """A recipe of the user's own: a shipped recipe served on the embedded CPU model."""
+    path = tmp_path / f"{base}_cpu.yaml"
+    path.write_text(f"defaults: [{base}, layers/cpu]\nserve: {{ctx_size: 8192}}\n{extra}")
+    return str(path)
+
+
+def manifest_of(out_dir: Path, name: str) -> dict:
+    return json.loads((out_dir / f"{name}.manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tiny")
+    result = run_cli("run", "recipe=tiny", out_dir=out_dir, env={"NVIDIA_API_KEY": SENTINEL})
+    return out_dir, result
+
+
+def test_tiny_recipe_writes_10_chat_records(tiny_run) -> None:
+    out_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote 10 records to {out_dir / 'tiny.jsonl'}" in result.stdout
+    records = read_jsonl(out_dir / "tiny.jsonl")
+    assert len(records) == 10
+    assert len({json.dumps(r, sort_keys=True) for r in records}) == 10
+    for record in records:
+        assert list(record) == ["messages"]
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in record["messages"])
+
+
+def test_tiny_manifest_has_provenance_and_counts(tiny_run) -> None:
+    out_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = manifest_of(out_dir, "tiny")
+    assert manifest["status"] == "complete" and manifest["records"] == manifest["num_records"] == 10
+    assert len(manifest["recipe_sha256"]) == 64
+    assert manifest["seed"]["sha256"] == hashlib.sha256((REPO / "seeds/sft_topics.jsonl").read_bytes()).hexdigest()
+    assert manifest["resolved_recipe"]["name"] == "tiny"
+    assert manifest["models"]["text"]["model"] == "smollm2-135m"
+    assert manifest["versions"]["data-designer"] == "0.9.7"
+    (server,) = manifest["servers"]
+    assert server["engine"] == "llama_cpp" and "--alias" in server["argv"]
+    assert manifest["tokens"]["output"] > 0 and manifest["wall_time_s"] > 0
+    assert manifest["attempted"] - manifest["records"] == sum(manifest["dropped"].values())
+    assert sum(s["valid"] for s in manifest["shards"]) >= 10
+    # Data Designer stayed offline and at home in the run dir; server logs are in the run dir.
+    run_dir = out_dir / ".tiny.run"
+    assert list((run_dir / "logs").glob("server-*.log"))
+
+
+def test_no_secret_in_any_written_file(tiny_run) -> None:
+    out_dir, _ = tiny_run
+    for path in all_files(out_dir):
+        assert SENTINEL not in path.read_text(errors="replace"), path
+
+
+def test_rerun_skips_finished_shards_and_keeps_the_output(tiny_run) -> None:
+    out_dir, first = tiny_run
+    assert first.returncode == 0
+    before = (out_dir / "tiny.jsonl").read_text()
+    again = run_cli("run", "recipe=tiny", out_dir=out_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = manifest_of(out_dir, "tiny")
+    assert manifest["shards_skipped_on_resume"] == len(manifest["shards"]) >= 2
+    assert (out_dir / "tiny.jsonl").read_text() == before
+
+
+def test_changed_recipe_refuses_the_old_run_dir_unless_fresh(tiny_run) -> None:
+    out_dir, first = tiny_run
+    assert first.returncode == 0
+    changed = run_cli("run", "recipe=tiny", "columns.tone.params.values=[terse]", "columns.tone.params.weights=[1]",
+                      out_dir=out_dir)  # fmt: skip
+    assert changed.returncode == 2 and "--fresh" in changed.stderr
+
+
+def test_preview_prints_records_and_writes_nothing(out_dir: Path) -> None:
+    result = run_cli("run", "recipe=tiny", "--preview", out_dir=out_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"messages"' in result.stdout and "nothing written" in result.stderr
+    assert all_files(out_dir) == []
+
+
+def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: Path) -> None:
+    recipe = cpu_recipe(
+        tmp_path,
+        "rl_pref",
+        "num_records: 4\nmodels:\n  precise: {inference_parameters: {max_tokens: 96}}\n"
+        "  creative: {inference_parameters: {max_tokens: 96}}\n  judge: {inference_parameters: {max_tokens: 96}}\n",
+    )
+    result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out_dir / "rl_pref.jsonl")
+    assert len(records) == 4
+    for r in records:
+        assert list(r) == ["prompt", "chosen", "rejected"] and r["chosen"] != r["rejected"]
+        assert all(isinstance(v, str) and v.strip() for v in r.values())
+    manifest = manifest_of(out_dir, "rl_pref")
+    assert manifest["records"] == 4
+    assert manifest["attempted"] - 4 == sum(manifest["dropped"].values())
+
+
+def test_customer_support_tools_gives_exact_count_of_valid_tool_conversations(tmp_path: Path, out_dir: Path) -> None:
+    recipe = cpu_recipe(
+        tmp_path,
+        "customer_support_tools",
+        "num_records: 3\ngeneration: {budget: 10}\nmodels:\n  text: {inference_parameters: {max_tokens: 128}}\n"
+        "  structured: {inference_parameters: {max_tokens: 128}}\n",
+    )
+    result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out_dir / "customer_support_tools.jsonl")
+    assert len(records) == 3
+    for r in records:
+        assert set(r) == {"messages", "tools"}
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["system", "user", "assistant", "tool", "assistant"]
+        (call,) = r["messages"][2]["tool_calls"]
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+        assert r["messages"][3]["tool_call_id"] == call["id"]
+    manifest = manifest_of(out_dir, "customer_support_tools")
+    assert manifest["records"] == 3
+    assert manifest["attempted"] - 3 == sum(manifest["dropped"].values())
+
+
+def test_invalid_records_are_counted_and_the_budget_stops_the_run(tmp_path: Path, out_dir: Path) -> None:
+    """Both answers from the same greedy model and prompt are identical: every pair is invalid (chosen == rejected).
+    The run must count them, stop at its budget with exit 1, and keep what it has."""
+    recipe = cpu_recipe(
+        tmp_path,
+        "rl_pref",
+        "num_records: 3\ngeneration: {budget: 2, shard_size: 3}\n"
+        "models:\n  precise: {inference_parameters: {temperature: 0.0, top_p: 1.0, max_tokens: 24}}\n"
+        "columns:\n  response_b: {model_alias: precise, system_prompt: "
+        "'You are a helpful assistant. Answer accurately and concisely.'}\n",
+    )
+    result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "budget exhausted" in result.stderr
+    manifest = manifest_of(out_dir, "rl_pref")
+    assert manifest["status"] == "budget_exhausted" and manifest["attempted"] == 6
+    assert manifest["dropped"].get("chosen_equals_rejected", 0) >= 1
+    assert manifest["records"] + sum(manifest["dropped"].values()) == 6
+    assert not (out_dir / "rl_pref.jsonl").exists()
+    assert len(read_jsonl(out_dir / "rl_pref.jsonl.partial")) == manifest["records"]
