@@ -92,7 +92,9 @@ def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: En
     if api_key:
         os.environ[API_KEY_ENV] = api_key
     check = (lambda: healthy(endpoint.url)) if endpoint.served_model else None
-    return run_shard(recipe, shard, seed_rows, endpoint, RunStore(Path(run_dir)), attempt=attempt, server_ok=check)
+    node_id = ray.get_runtime_context().get_node_id()
+    store = RunStore(Path(run_dir))
+    return run_shard(recipe, shard, seed_rows, endpoint, store, attempt=attempt, server_ok=check, node_id=node_id)
 
 
 @dataclass

@@ -65,6 +65,7 @@ def run_shard(
     store: RunStore,
     attempt: int = 0,
     server_ok: Callable[[], bool] | None = None,
+    node_id: str | None = None,
 ) -> dict:
     """Generate, project and commit one shard; returns its summary. Commits nothing if the server died."""
     started = time.monotonic()
@@ -88,6 +89,7 @@ def run_shard(
         "random_seed": shard.random_seed,
         "endpoint": endpoint.url,
         "worker": f"{os.uname().nodename}:{os.getpid()}",
+        "node_id": node_id,
         "error": result.error,
     }
     store.commit(shard.id, records, summary)

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:
     from sdg_job.job import Job
@@ -16,9 +16,7 @@ class JobProgress:
     def __init__(self, num_records: int):
         self.started = time.monotonic()
         self.progress = Progress(
-            TextColumn("[bold]records"),
-            BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("records {task.completed}/{task.total}"),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
             console=Console(stderr=True),
@@ -33,8 +31,8 @@ class JobProgress:
         tokens = sum(x["output_tokens"] for x in summaries)
         elapsed = max(time.monotonic() - self.started, 1e-6)
         stats = (
-            f"shards {len(job.summaries)}/{len(job.shards)} · dropped {dropped} · retries {len(job.failures)} · "
-            f"{valid / elapsed:.1f} rec/s · {tokens / elapsed:.0f} tok/s"
+            f"· shards {len(job.summaries)}/{len(job.shards)} · dropped {dropped} · retries {len(job.failures)} · "
+            f"{valid / elapsed:.1f} rec/s · {tokens / elapsed:.0f} tok/s ·"
         )
         self.progress.update(self.task, completed=min(valid, job.recipe.num_records), stats=stats)
 

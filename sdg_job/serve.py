@@ -82,6 +82,16 @@ def server_command(spec: ServeSpec, port: int) -> tuple[list[str], str]:
     return llama_server_command(spec, port, llama_server_binary()), "LLAMA_API_KEY"
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGKILL when its owner dies (a killed driver or actor leaves no orphan GPU server)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class Server:
     """A running server process; `endpoint` is what Data Designer talks to."""
@@ -105,7 +115,12 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self.wait_healthy()

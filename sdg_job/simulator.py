@@ -1,0 +1,144 @@
+"""A SIMULATED OpenAI-compatible LLM server, for benchmarks and fault injection only. It generates no language.
+
+It behaves like a continuous-batching engine with `slots` concurrent sequences: a request holds a slot for
+`max_tokens × seconds_per_token` (+ a fixed prefill cost) and queues when all slots are busy, so its capacity is
+known exactly: slots / service_time requests per second. Answers are unique filler text, or, when the request
+carries `response_format: json_schema`, a minimal instance of that schema. Faults are injected at set rates:
+HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server).
+
+    python -m sdg_job.simulator --port 8000 --slots 64 --seconds-per-token 0.001 --fail-500 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import time
+from typing import Any
+
+from aiohttp import web
+
+
+def schema_instance(schema: dict[str, Any], defs: dict[str, Any], rng: random.Random, n: int) -> Any:
+    """A small value valid against `schema` (the subset Data Designer and our recipes produce)."""
+    if "$ref" in schema:
+        return schema_instance(defs[schema["$ref"].split("/")[-1]], defs, rng, n)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return schema_instance(schema[key][0], defs, rng, n)
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type", "string")
+    if isinstance(kind, list):
+        kind = next(k for k in kind if k != "null")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: schema_instance(v, defs, rng, n) for k, v in props.items()}
+    if kind == "array":
+        return [schema_instance(schema.get("items", {}), defs, rng, n)]
+    if kind in ("integer", "number"):
+        return n
+    if kind == "boolean":
+        return True
+    return f"value {n}"
+
+
+class Simulator:
+    def __init__(self, slots: int, seconds_per_token: float, prefill_s: float, faults: dict[str, float],
+                 die_after: int | None, seed: int):  # fmt: skip
+        self.slots = asyncio.Semaphore(slots)
+        self.seconds_per_token, self.prefill_s = seconds_per_token, prefill_s
+        self.faults, self.die_after = faults, die_after
+        self.rng = random.Random(seed)
+        self.counter = itertools.count(1)
+        self.stats: dict[str, Any] = {"requests": 0, "ok": 0, "errors": {}, "busy": 0, "max_busy": 0,
+                                      "output_tokens": 0, "first_request_at": None}  # fmt: skip
+
+    async def chat(self, request: web.Request) -> web.Response:
+        n = next(self.counter)
+        self.stats["requests"] += 1
+        if self.stats["first_request_at"] is None:
+            self.stats["first_request_at"] = time.time()
+        if self.die_after is not None and n > self.die_after:
+            os._exit(17)  # a server that dies mid-run
+        body = await request.json()
+        roll = self.rng.random()
+        for status, rate in self.faults.items():
+            if roll < rate:
+                self.stats["errors"][status] = self.stats["errors"].get(status, 0) + 1
+                return web.json_response({"error": {"message": f"simulated HTTP {status}"}}, status=int(status))
+            roll -= rate
+        max_tokens = int(body.get("max_tokens") or 64)
+        async with self.slots:
+            self.stats["busy"] += 1
+            self.stats["max_busy"] = max(self.stats["max_busy"], self.stats["busy"])
+            try:
+                await asyncio.sleep(self.prefill_s + max_tokens * self.seconds_per_token)
+            finally:
+                self.stats["busy"] -= 1
+        fmt = (body.get("response_format") or {}).get("json_schema")
+        if fmt:
+            schema = fmt.get("schema", {})
+            content = json.dumps(schema_instance(schema, schema.get("$defs", {}), self.rng, n))
+        else:
+            content = f"Simulated answer number {n}. " + " ".join(["lorem"] * max(0, min(max_tokens, 64) - 5))
+        self.stats["ok"] += 1
+        self.stats["output_tokens"] += max_tokens
+        return web.json_response({
+            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "simulated"),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": max_tokens, "total_tokens": 10 + max_tokens},
+        })  # fmt: skip
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "simulated", "object": "model"}]})
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/stats", self.get_stats)
+        return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sdg_job.simulator", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=64, help="concurrent sequences (the engine's max_num_seqs)")
+    p.add_argument("--seconds-per-token", type=float, default=0.001)
+    p.add_argument("--prefill-s", type=float, default=0.0)
+    p.add_argument("--fail-500", type=float, default=0.0)
+    p.add_argument("--fail-429", type=float, default=0.0)
+    p.add_argument("--fail-400", type=float, default=0.0)
+    p.add_argument("--die-after", type=int, default=None, help="exit after this many requests")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
+
+    async def serve() -> None:
+        sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed)
+        runner = web.AppRunner(sim.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, a.host, a.port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

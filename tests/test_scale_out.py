@@ -1,0 +1,149 @@
+"""Scale-out on a real Ray cluster: two raylets on this machine stand in for two GPU nodes, each offering one
+`sdg_node` slot and so running its own real llama.cpp server. Faults are real too: SIGKILL of a worker, of the
+driver, of a server. Only the HTTP-error test uses the (named) simulator, because no real server fails on cue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl, run_cli
+
+pytestmark = pytest.mark.e2e
+# Two servers share this machine's cores: one thread each, or llama.cpp's spinning threads starve each other.
+ARGS = ("run", "recipe=tiny", "num_records=40", "generation.shard_size=10", "serve.threads=1",
+        "models.text.inference_parameters.max_tokens=48")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"sdg_node": 1}})
+    cluster.add_node(num_cpus=1, resources={"sdg_node": 1})
+    cluster.wait_for_nodes()
+    yield {"RAY_ADDRESS": cluster.address}
+    cluster.shutdown()
+
+
+def start_cli(out_dir: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdg_job", *args], cwd=REPO, env={**os.environ, "SDG_OUTPUT_DIR": str(out_dir), **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def committed(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / ".tiny.run" / "shards").glob("shard-*.json"))
+
+
+def pids(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def assert_exactly_40_unique(out_dir: Path) -> dict:
+    records = read_jsonl(out_dir / "tiny.jsonl")
+    assert len(records) == 40
+    assert len({json.dumps(r, sort_keys=True) for r in records}) == 40
+    manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["records"] == 40
+    assert sum(s["valid"] for s in manifest["shards"]) >= 40
+    return manifest
+
+
+def test_shards_run_on_both_nodes_each_against_its_own_server(two_nodes, out_dir: Path) -> None:
+    result = run_cli(*ARGS, out_dir=out_dir, env=two_nodes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = assert_exactly_40_unique(out_dir)
+    servers = {s["endpoint"]: s["node_id"] for s in manifest["servers"]}
+    assert len(servers) == 2 and len(set(servers.values())) == 2
+    assert len(manifest["shards"]) >= 4
+    for shard in manifest["shards"]:
+        assert servers[shard["endpoint"]] == shard["node_id"], shard  # node-local routing
+    assert {s["node_id"] for s in manifest["shards"]} == set(servers.values())  # both nodes did work
+    logs = list((out_dir / ".tiny.run" / "logs").glob("server-*.log"))
+    assert len(logs) == 2 and all("print_timing" in log.read_text() for log in logs)  # both servers answered
+
+
+def test_killed_worker_is_retried_without_loss_or_duplicates(two_nodes, out_dir: Path) -> None:
+    proc = start_cli(out_dir, two_nodes, *ARGS)
+    wait_for(lambda: committed(out_dir), what="the first committed shard")
+    victim = wait_for(lambda: pids("ray::shard_task"), timeout=120, what="a running shard worker")[0]
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    manifest = assert_exactly_40_unique(out_dir)
+    assert manifest["retries"] >= 1 and manifest["failures"][0]["shard"].startswith("shard-")
+
+
+def test_killed_driver_resumes_and_skips_finished_shards(two_nodes, out_dir: Path) -> None:
+    proc = start_cli(out_dir, two_nodes, *ARGS)
+    wait_for(lambda: committed(out_dir), what="the first committed shard")
+    proc.kill()
+    proc.communicate(timeout=60)
+    finished = len(committed(out_dir))
+    assert not (out_dir / "tiny.jsonl").exists()
+    result = run_cli(*ARGS, out_dir=out_dir, env=two_nodes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = assert_exactly_40_unique(out_dir)
+    assert manifest["shards_skipped_on_resume"] >= finished >= 1
+
+
+def test_killed_server_is_restarted_and_its_shards_retried(two_nodes, out_dir: Path) -> None:
+    proc = start_cli(out_dir, two_nodes, *ARGS)
+    wait_for(lambda: committed(out_dir), what="the first committed shard")
+    victim = wait_for(lambda: pids("llama-server.*smollm2"), timeout=60, what="a llama-server")[0]
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    manifest = assert_exactly_40_unique(out_dir)
+    assert manifest["server_restarts"] >= 1
+
+
+def test_http_errors_are_counted_and_topped_up(out_dir: Path) -> None:
+    """SIMULATED server (sdg_job.simulator) failing 10% of requests each with HTTP 500, 429 and 400."""
+    port = 18000 + os.getpid() % 1000
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "sdg_job.simulator", "--port", str(port), "--fail-500", "0.1", "--fail-429", "0.1",
+         "--fail-400", "0.1", "--seconds-per-token", "0.0002"],
+    )  # fmt: skip
+    try:
+        import httpx
+
+        wait_for(lambda: _up(httpx, port), timeout=30, what="the simulator")
+        env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        result = run_cli(*ARGS, "provider=openai", out_dir=out_dir, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        manifest = assert_exactly_40_unique(out_dir)
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
+        assert stats["errors"].get("400", 0) >= 1 and stats["errors"].get("500", 0) >= 1
+        # 400s are not retryable: those rows are dropped, counted, and replaced by top-up shards
+        assert manifest["dropped"]["generation_failed"] >= 1
+        assert manifest["attempted"] == 40 + sum(manifest["dropped"].values())
+    finally:
+        sim.kill()
+
+
+def _up(httpx, port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
