@@ -67,8 +67,9 @@ class NodeServer:
         return self.server.api_key
 
     def ensure_alive(self) -> int:
-        """Restart the server if it is dead or unhealthy; returns how often it has been restarted."""
-        if not self.server.alive() or not healthy(self.server.endpoint):
+        """Restart the server if its process has died; returns how often it has been restarted. (Only death
+        counts: a busy server may answer /health slowly, and restarting it would lose its in-flight work.)"""
+        if not self.server.alive():
             self.server.restart()
         return self.server.restarts
 
@@ -108,6 +109,8 @@ class Node:
     api_key: str | None = field(default=None, repr=False)
     info: dict = field(default_factory=dict)
     inflight: int = 0
+    health_ref: Any = None
+    last_check: float = 0.0
 
     def submit(self, recipe: Recipe, shard: Shard, seed_rows: list[dict], run_dir: Path, attempt: int):
         self.inflight += 1
@@ -122,6 +125,21 @@ class Node:
         """After a failed shard: make sure this node's server is up again."""
         if self.actor is not None:
             self.info["restarts"] = ray.get(self.actor.ensure_alive.remote())
+
+    def watch(self, interval: float = 5.0) -> None:
+        """Non-blocking watchdog: every `interval` s, ask the node's actor to restart a dead server. It comes back
+        on the same port, so the shard in flight carries on: Data Designer defers requests that hit a closed
+        port and retries them, and the shard commits only if the server is healthy at its end."""
+        if self.actor is None:
+            return
+        if self.health_ref is not None:
+            if not ray.wait([self.health_ref], timeout=0)[0]:
+                return
+            self.info["restarts"] = ray.get(self.health_ref)
+            self.health_ref = None
+        if time.monotonic() - self.last_check >= interval:
+            self.last_check = time.monotonic()
+            self.health_ref = self.actor.ensure_alive.remote()
 
 
 def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int) -> list[Node]:

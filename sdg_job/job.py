@@ -178,6 +178,8 @@ class Job:
                     return
                 todo.append(shard)
                 continue
+            for node in nodes:
+                node.watch()
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in done:
                 shard, node = inflight.pop(ref)

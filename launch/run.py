@@ -1,0 +1,233 @@
+"""Launch sdg-job with NeMo-Run on a workstation, in Docker, or on a Slurm cluster.
+
+    python launch/run.py [--executor local|docker|slurm] [--dryrun] [--profile PATH] recipe=NAME|PATH [key=value …]
+
+`key=value` arguments are recipe overrides passed through to `python -m sdg_job run` in the job, except those
+starting with `slurm.`, `docker.` or `local.`, which override the cluster profile (launch/profiles/example.yaml).
+This file only composes NeMo-Run executors around that command: it knows nothing of columns or shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Literal
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # a plain checkout works too
+
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
+
+from sdg_job.config import load_recipe, parse_overrides  # noqa: E402
+from sdg_job.errors import RecipeError  # noqa: E402
+
+DEFAULT_PROFILE = REPO / "launch" / "profiles" / "example.yaml"
+SLURM_TEMPLATE = REPO / "slurm" / "sdg-job.sbatch.j2"
+EXECUTORS = ("local", "docker", "slurm")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SSH(Strict):
+    host: str
+    user: str
+    identity: str | None = None
+    pre_command: str | None = None
+
+
+class SlurmProfile(Strict):
+    account: str
+    partition: str
+    nodes: int = 1
+    gpus_per_node: int = 8
+    time: str = "04:00:00"
+    container_image: str
+    container_mounts: list[str] = []
+    job_dir: str
+    tunnel: Literal["local", "ssh"] = "local"
+    ssh: SSH | None = None
+    secrets: list[str] = []
+
+
+class DockerProfile(Strict):
+    container_image: str
+    num_gpus: int = -1
+    shm_size: str = "16g"
+    volumes: list[str] = []
+    job_dir: str = "./nemo_experiments"
+    secrets_file: str | None = None
+
+
+class LocalProfile(Strict):
+    job_dir: str = "./nemo_experiments"
+
+
+class Profile(Strict):
+    slurm: SlurmProfile | None = None
+    docker: DockerProfile | None = None
+    local: LocalProfile = LocalProfile()
+
+
+def load_profile(path: Path, overrides: list[str]) -> Profile:
+    if not path.is_file():
+        raise RecipeError(str(path), "", "cluster profile not found (--profile or SDG_PROFILE)")
+    try:
+        cfg = OmegaConf.load(path)
+        for key, value in parse_overrides(overrides, str(path)):
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(str(path), "", str(e).splitlines()[0]) from None
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RecipeError(str(path), ".".join(map(str, err["loc"])), err["msg"]) from None
+
+
+def job_args(recipe_ref: str, overrides: list[str]) -> list[str]:
+    return ["run", f"recipe={recipe_ref}", *overrides]
+
+
+def slurm_executor(p: SlurmProfile):
+    import nemo_run as run
+
+    experiments = os.path.join(p.job_dir, "experiments")
+    if p.tunnel == "ssh":
+        if p.ssh is None:
+            raise RecipeError("profile", "slurm.ssh", "tunnel: ssh needs slurm.ssh.host and slurm.ssh.user")
+        tunnel = run.SSHTunnel(host=p.ssh.host, user=p.ssh.user, job_dir=p.job_dir, identity=p.ssh.identity,
+                               pre_command=p.ssh.pre_command)  # fmt: skip
+    else:
+        tunnel = run.LocalTunnel(job_dir=experiments)
+    return run.SlurmExecutor(
+        account=p.account,
+        partition=p.partition,
+        nodes=p.nodes,
+        ntasks_per_node=1,
+        gpus_per_node=p.gpus_per_node,
+        time=p.time,
+        container_image=p.container_image,
+        container_mounts=list(p.container_mounts),
+        # Names and paths only: every value here is written into the sbatch script and NeMo-Run's files.
+        env_vars={
+            "NEMO_RUN_DIR": "/nemo_run",
+            "SDG_EXPECTED_NODES": str(p.nodes),
+            "SDG_SECRET_ENV_NAMES": ",".join(p.secrets),
+        },
+        container_env=list(p.secrets),
+        additional_parameters={"export": "ALL"},  # secrets reach the job from the submitting environment
+        ray_template=str(SLURM_TEMPLATE),
+        job_name_prefix="sdg-",
+        packager=run.Packager(),
+        tunnel=tunnel,
+    )
+
+
+def docker_executor(p: DockerProfile):
+    import nemo_run as run
+
+    volumes = list(p.volumes)
+    env = {"NEMO_RUN_DIR": "/nemo_run"}
+    if p.secrets_file:  # NeMo-Run's Docker path can only pass values; a mounted file of the user's keeps them out
+        volumes.append(f"{Path(p.secrets_file).expanduser().resolve()}:/run/secrets/sdg.env:ro")
+        env["SDG_SECRETS_FILE"] = "/run/secrets/sdg.env"
+    return run.DockerExecutor(
+        container_image=p.container_image,
+        num_gpus=p.num_gpus,
+        runtime="nvidia" if p.num_gpus else None,
+        ipc_mode="host",
+        shm_size=p.shm_size,
+        volumes=volumes,
+        env_vars=env,
+        # The image's ENTRYPOINT is `python3 -m sdg_job run`; NeMo-Run passes a full `bash -c …` command.
+        additional_kwargs={"entrypoint": ["/usr/bin/env"]},
+        packager=run.Packager(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python launch/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--executor", choices=EXECUTORS, default="local")
+    parser.add_argument("--dryrun", action="store_true", help="print what would be submitted; submit nothing")
+    parser.add_argument("--profile", type=Path, default=Path(os.environ.get("SDG_PROFILE", DEFAULT_PROFILE)))
+    parser.add_argument("--name", default=None, help="experiment name (default: sdg-<recipe name>)")
+    parser.add_argument("args", nargs="*", metavar="recipe=… key=value")
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        profile_overrides = [a for a in ns.args if a.split("=", 1)[0].split(".")[0] in EXECUTORS]
+        rest = [a for a in ns.args if a not in profile_overrides]
+        refs = [a.split("=", 1)[1] for a in rest if a.startswith("recipe=")]
+        overrides = [a for a in rest if not a.startswith("recipe=")]
+        if len(refs) != 1:
+            raise RecipeError("command line", "recipe", "give exactly one recipe=NAME or recipe=PATH")
+        recipe = load_recipe(refs[0], overrides)  # reject bad input here, before anything is submitted
+        profile = load_profile(ns.profile, profile_overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return launch(ns.executor, profile, job_args(refs[0], overrides), ns.name or f"sdg-{recipe.name}", ns.dryrun)
+
+
+def launch(executor_name: str, profile: Profile, args: list[str], name: str, dryrun: bool) -> int:
+    import nemo_run as run
+
+    if executor_name == "slurm":
+        if profile.slurm is None:
+            print("error: the profile has no slurm section", file=sys.stderr)
+            return 2
+        executor, base_dir = slurm_executor(profile.slurm), os.path.join(profile.slurm.job_dir, "experiments")
+        task = run.Script(path="sdg_job", args=args, entrypoint="python", m=True,
+                          metadata={"use_with_ray_cluster": True})  # fmt: skip
+    elif executor_name == "docker":
+        if profile.docker is None:
+            print("error: the profile has no docker section", file=sys.stderr)
+            return 2
+        executor, base_dir = docker_executor(profile.docker), str(Path(profile.docker.job_dir).resolve())
+        task = run.Script(path="sdg_job", args=args, entrypoint="python3", m=True)
+    else:
+        executor = run.LocalExecutor()
+        base_dir = str(Path(profile.local.job_dir).resolve())
+        task = run.Script(path="sdg_job", args=args, entrypoint=sys.executable, m=True)
+
+    with run.Experiment(name, executor=executor, base_dir=base_dir, log_level="WARN") as exp:
+        if executor_name == "local":  # the job dir on this machine; NeMo-Run does not set NEMO_RUN_DIR itself
+            executor.env_vars["NEMO_RUN_DIR"] = os.path.join(exp._exp_dir, name)
+        exp.add(task, name=name)
+        if dryrun:
+            exp.dryrun(log=False, delete_exp_dir=False)
+            print(describe(executor_name, exp._exp_dir, name, executor, args))
+            return 0
+        exp.run(detach=executor_name == "slurm", tail_logs=False)
+        print(f"experiment: {exp._exp_dir}")
+        if executor_name == "local":
+            print(f"output under: {executor.env_vars['NEMO_RUN_DIR']}/sdg")
+    return 0
+
+
+def describe(executor_name: str, exp_dir: str, name: str, executor, args: list[str]) -> str:
+    """What a dry run shows: the sbatch script for Slurm, the container and command otherwise."""
+    sbatch = Path(exp_dir) / f"{name}_sbatch.sh"
+    if executor_name == "slurm" and sbatch.is_file():
+        return f"# {sbatch}\n{sbatch.read_text()}"
+    lines = [f"# experiment dir: {exp_dir}", f"executor: {executor_name}"]
+    if executor_name == "docker":
+        lines += [
+            f"image: {executor.container_image}",
+            f"gpus: {'all' if executor.num_gpus == -1 else executor.num_gpus}",
+            f"volumes: {executor.volumes}",
+            f"env (names): {sorted(executor.env_vars)}",
+        ]
+    lines.append("command: " + shlex.join(["python3", "-m", "sdg_job", *args]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
