@@ -17,6 +17,7 @@ COPY sdg_job ./sdg_job
 COPY scripts ./scripts
 COPY recipes ./recipes
 COPY seeds ./seeds
+COPY slurm ./slurm
 RUN python3 -m pip install --no-cache-dir -e ".[launch]" \
  && python3 -m sdg_job validate recipe=default > /dev/null
 

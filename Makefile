@@ -23,6 +23,8 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+	bash -n slurm/sdg-job.sbatch
 
 test: lint
 	$(BIN)/pytest -q

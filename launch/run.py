@@ -183,8 +183,10 @@ def launch(executor_name: str, profile: Profile, args: list[str], name: str, dry
         if profile.slurm is None:
             print("error: the profile has no slurm section", file=sys.stderr)
             return 2
-        executor, base_dir = slurm_executor(profile.slurm), os.path.join(profile.slurm.job_dir, "experiments")
-        task = run.Script(path="sdg_job", args=args, entrypoint="python", m=True,
+        # NeMo-Run writes experiments to <base_dir>/experiments, where the LocalTunnel's job_dir points.
+        executor, base_dir = slurm_executor(profile.slurm), profile.slurm.job_dir
+        # The command lands in a shell line of the sbatch script: quote each argument.
+        task = run.Script(path="sdg_job", args=[shlex.quote(a) for a in args], entrypoint="python", m=True,
                           metadata={"use_with_ray_cluster": True})  # fmt: skip
     elif executor_name == "docker":
         if profile.docker is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -55,8 +56,20 @@ def _log_to_run_dir(recipe: Recipe) -> None:
         lg.propagate = False
 
 
+def _load_secrets_file() -> None:
+    """Docker via NeMo-Run cannot pass env vars by name: it mounts the user's KEY=VALUE file instead."""
+    path = os.environ.get("SDG_SECRETS_FILE")
+    if not path or not Path(path).is_file():
+        return
+    for line in Path(path).read_text().splitlines():
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and key and not key.startswith("#"):
+            os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parse(sys.argv[1:] if argv is None else argv)
+    _load_secrets_file()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         ref, overrides = _recipe_and_overrides(ns.args)

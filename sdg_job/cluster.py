@@ -21,6 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdg_job.config import Recipe, ServeSpec
+from sdg_job.errors import JobError
 from sdg_job.generate import Endpoint
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, describe
@@ -45,6 +46,18 @@ def connect(run_dir: Path) -> None:
 
 def node_slots() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(NODE_RESOURCE, 0) >= 1)
+
+
+def wait_for_node_slots(expected: int, timeout_s: float = 900) -> int:
+    """On a fresh multi-node cluster the workers join a little after the head: wait for all of them."""
+    deadline = time.monotonic() + timeout_s
+    while (count := node_slots()) < expected and time.monotonic() < deadline:
+        time.sleep(2)
+    if count == 0:
+        raise JobError(f"no Ray node offers the {NODE_RESOURCE!r} resource (ray start --resources=...)")
+    if count < expected:
+        log.warning("only %d of %d node slots joined after %.0fs; going on with them", count, expected, timeout_s)
+    return count
 
 
 @ray.remote(num_cpus=0, resources={NODE_RESOURCE: 1}, max_restarts=0)
@@ -145,10 +158,11 @@ class Node:
 def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int) -> list[Node]:
     """One NodeServer per node slot in the cluster, all started in parallel and health-gated."""
     assert recipe.serve is not None
-    count = node_slots()
-    if count == 0:
-        raise RuntimeError(f"no Ray node offers the {NODE_RESOURCE!r} resource")
-    actors = [NodeServer.remote(recipe.serve, str(logs_dir)) for _ in range(count)]
+    count = wait_for_node_slots(int(os.environ.get("SDG_EXPECTED_NODES", "1")))
+    spec = recipe.serve
+    # vLLM's GPUs are reserved for the actor, so Ray sets CUDA_VISIBLE_DEVICES for the server it starts.
+    gpus = spec.tensor_parallel_size * spec.data_parallel_size if spec.engine == "vllm" else 0
+    actors = [NodeServer.options(num_gpus=gpus).remote(spec, str(logs_dir)) for _ in range(count)]
     t0 = time.monotonic()
     infos = ray.get([a.start.remote() for a in actors])
     log.info("%d %s server(s) healthy in %.1fs", count, recipe.serve.engine, time.monotonic() - t0)

@@ -1,0 +1,168 @@
+"""launch/run.py builds NeMo-Run executors: dry-runs are checked on what they write, the local one really runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl
+
+SECRET = "nvapi-SENTINEL-launch-0123456789"
+HF_SECRET = "hf_SENTINEL_launch_abcdefghij"
+PROFILE = """
+slurm:
+  account: acct
+  partition: batch
+  nodes: 2
+  gpus_per_node: 8
+  container_image: nvcr.io/me/sdg-job:0.1.0
+  container_mounts: ["/lustre/hf:/root/.cache/huggingface"]
+  job_dir: {tmp}/cluster
+  secrets: [NVIDIA_API_KEY, HF_TOKEN]
+docker:
+  container_image: sdg-job:test
+  num_gpus: -1
+  volumes: ["{tmp}/out:/out"]
+  job_dir: {tmp}/docker
+local:
+  job_dir: {tmp}/local
+"""
+
+
+def launch(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(PROFILE.format(tmp=tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "SDG_OUTPUT_DIR"}
+    env |= {"NEMORUN_HOME": str(tmp_path / "nemorun_home"), "NVIDIA_API_KEY": SECRET, "HF_TOKEN": HF_SECRET}
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "run.py"), "--profile", str(profile), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def everything_written(root: Path) -> str:
+    """All text under root, with NeMo-Run's zlib+base64 blobs (_CONFIG, _TASKS) decoded too."""
+    chunks = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            chunks.append(text)
+            for blob in re.findall(r"eJ[A-Za-z0-9_\-]+=*", text):
+                try:
+                    chunks.append(zlib.decompress(base64.urlsafe_b64decode(blob)).decode(errors="replace"))
+                except (ValueError, zlib.error):
+                    pass
+    return "\n".join(chunks)
+
+
+def test_slurm_dryrun_writes_a_complete_two_node_sbatch_script_without_secrets(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "num_records=500",
+                    "columns.persona.params.values=[a pirate, a chef]")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (script_path,) = (tmp_path / "cluster").rglob("*_sbatch.sh")
+    script = script_path.read_text()
+    assert script in result.stdout  # the dry run prints it
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --account=acct", "#SBATCH --partition=batch", "#SBATCH --export=ALL"):  # fmt: skip
+        assert line in script
+    assert "--container-image=nvcr.io/me/sdg-job:0.1.0" in script
+    assert "/lustre/hf:/root/.cache/huggingface" in script and ":/nemo_run" in script
+    assert "export NEMO_RUN_DIR=/nemo_run" in script
+    assert re.search(r"ray start --head .*--resources=\"\$SLOT\"", script)
+    assert re.search(r"ray start --block --address=\"\$RAY_ADDRESS\" --resources=\"\$SLOT\"", script)
+    assert "SLOT='{\"sdg_node\": 1}'" in script
+    command = "python -m sdg_job run recipe=default num_records=500 'columns.persona.params.values=[a pirate, a chef]'"
+    assert command in script
+    assert "--container-env=" in script and "NVIDIA_API_KEY" in script  # by name
+    assert "-A=" not in script and "--gres=gpu:8" in script
+    written = everything_written(tmp_path / "cluster") + everything_written(tmp_path / "nemorun_home")
+    assert SECRET not in written and HF_SECRET not in written
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_slurm_dryrun_script_is_valid_bash(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (script_path,) = (tmp_path / "cluster").rglob("*_sbatch.sh")
+    assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
+
+
+def test_bad_recipe_is_rejected_before_anything_is_submitted(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "num_records=-5")
+    assert result.returncode == 2 and "num_records" in result.stderr
+    assert not (tmp_path / "cluster").exists()
+
+
+def test_profile_keys_can_be_overridden_on_the_command_line(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.nodes=4",
+                    "slurm.partition=interactive")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "#SBATCH --nodes=4" in result.stdout and "#SBATCH --partition=interactive" in result.stdout
+    bad = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.gpus=3")
+    assert bad.returncode == 2 and "slurm.gpus" in bad.stderr
+
+
+def test_docker_dryrun_shows_image_gpus_mounts_env_names_and_command(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "docker", "--dryrun", "recipe=default", "provider=openai")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "image: sdg-job:test" in out and "gpus: all" in out
+    assert f"{tmp_path}/out:/out" in out
+    assert "env (names): ['NEMO_RUN_DIR']" in out
+    assert "command: python3 -m sdg_job run recipe=default provider=openai" in out
+    assert SECRET not in everything_written(tmp_path / "docker") + out
+
+
+@pytest.mark.e2e
+def test_local_executor_runs_tiny_and_output_lands_under_nemo_run_dir(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "local", "recipe=tiny", "num_records=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (output,) = (tmp_path / "local").rglob("sdg/tiny.jsonl")
+    assert len(read_jsonl(output)) == 4
+    assert f"output under: {output.parent}" in result.stdout
+    manifest = json.loads(output.with_name("tiny.manifest.json").read_text())
+    assert manifest["records"] == 4
+    assert SECRET not in everything_written(tmp_path / "local")
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_plain_sbatch_script_is_valid_bash_and_passes_secrets_by_name() -> None:
+    script = (REPO / "slurm" / "sdg-job.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "sdg-job.sbatch")]).returncode == 0
+    assert "--container-env=" in script and "NVIDIA_API_KEY" in script and "#SBATCH --export=ALL" in script
+    assert "ray start --head" in script and "python -m sdg_job run" in script
+
+
+@pytest.mark.e2e
+def test_docker_entrypoint_command_runs_the_job(tmp_path: Path) -> None:
+    """The image's ENTRYPOINT + arguments as in the README's `docker run`, run here against the SIMULATED server
+    (no Docker engine on this machine); the output lands in NEMO_RUN_DIR=/out's stand-in."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    assert entrypoint == ["python3", "-m", "sdg_job", "run"]
+    assert re.search(r"NEMO_RUN_DIR=/out", dockerfile)
+    port = 19000 + os.getpid() % 1000
+    sim = subprocess.Popen([sys.executable, "-m", "sdg_job.simulator", "--port", str(port)])
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "SDG_OUTPUT_DIR"}
+        env |= {"NEMO_RUN_DIR": str(tmp_path / "out"), "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        cmd = [sys.executable, *entrypoint[1:], "recipe=tiny", "provider=openai", "num_records=3"]
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(read_jsonl(tmp_path / "out" / "sdg" / "tiny.jsonl")) == 3
+    finally:
+        sim.kill()
