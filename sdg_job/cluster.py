@@ -41,7 +41,9 @@ def connect(run_dir: Path) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
     else:
-        ray.init(num_cpus=os.cpu_count(), resources={NODE_RESOURCE: 1}, include_dashboard=False, **common)
+        # address="local": a new cluster even if another one runs on this machine (Ray would join that one)
+        ray.init(address="local", num_cpus=os.cpu_count(), resources={NODE_RESOURCE: 1}, include_dashboard=False,
+                 **common)  # fmt: skip
 
 
 def node_slots() -> int:

@@ -67,7 +67,9 @@ class ProviderSpec(Strict):
 class ServeSpec(Strict):
     """How the job stands up its own server when `provider: local`."""
 
-    engine: Literal["llama_cpp", "vllm"]
+    engine: Literal["llama_cpp", "vllm", "simulator"] = Field(
+        description="vllm on GPU nodes, llama_cpp on CPU, simulator (sdg_job.simulator) for benchmarks and tests"
+    )
     model: str = Field(description="vLLM: HF id or path. llama_cpp: a .gguf path or 'embedded' (SmolLM2 from PyPI)")
     served_model_name: str
     host: str = "127.0.0.1"
@@ -78,8 +80,9 @@ class ServeSpec(Strict):
     max_num_seqs: int = Field(default=256, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int | None = Field(default=None, ge=1)
-    # llama.cpp
-    parallel: int = Field(default=4, ge=1, description="llama-server slots (-np)")
+    # llama.cpp and the simulator
+    parallel: int = Field(default=4, ge=1, description="llama-server slots (-np), simulator slots")
+    seconds_per_token: float = Field(default=0.001, gt=0, description="simulator only: decode time per token")
     ctx_size: int = Field(default=8192, ge=256)
     threads: int | None = Field(default=None, ge=1)
     extra_args: list[str] = []

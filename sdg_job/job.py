@@ -68,7 +68,7 @@ def run_shard(
     node_id: str | None = None,
 ) -> dict:
     """Generate, project and commit one shard; returns its summary. Commits nothing if the server died."""
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
     rows = [seed_rows[i] for i in shard.seed_rows] if seed_rows else None
     result = generate(recipe, endpoint, shard.size, rows, work_dir)
@@ -85,6 +85,7 @@ def run_shard(
         "input_tokens": result.input_tokens,
         "output_tokens": result.output_tokens,
         "seconds": round(time.monotonic() - started, 3),
+        "cpu_s": round(time.process_time() - cpu_started, 3),  # this worker process, all its threads
         "retries": attempt,
         "random_seed": shard.random_seed,
         "endpoint": endpoint.url,
@@ -198,7 +199,9 @@ class Job:
                     todo.appendleft(shard)
             progress.update(self)
 
-    def manifest(self, server_info: list[dict], started_at: datetime, wall: float, status: str) -> dict[str, Any]:
+    def manifest(
+        self, server_info: list[dict], started_at: datetime, wall: float, status: str, timings: dict[str, float]
+    ) -> dict[str, Any]:
         recipe, summaries = self.recipe, self.summaries
         ids = [s.id for s in self.shards if s.id in summaries]
         records, dupes = unique_records(self.store, ids, recipe.num_records)
@@ -236,8 +239,10 @@ class Job:
             "shards_skipped_on_resume": self.skipped,
             "started_at": started_at.isoformat(timespec="seconds"),
             "wall_time_s": round(wall, 2),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "records_per_s": round(len(records) / wall, 3) if wall else None,
             "output_tokens_per_s": round(tokens_out / wall, 1) if wall else None,
+            "client_cpu_ms_per_record": _cpu_per_record(timings, summaries.values(), len(records)),
         }
 
     def _seed_info(self) -> dict | None:
@@ -256,6 +261,14 @@ class Job:
         return len(records)
 
 
+def _cpu_per_record(timings: dict[str, float], summaries, records: int) -> float | None:
+    """Client cost: CPU of the driver and of every shard worker, per valid record."""
+    if not records:
+        return None
+    cpu = timings.get("driver_cpu", 0.0) + sum(x.get("cpu_s", 0.0) for x in summaries)
+    return round(1000 * cpu / records, 3)
+
+
 class BudgetExhausted(Exception):
     def __init__(self, valid: int, attempted: int):
         self.valid, self.attempted = valid, attempted
@@ -271,7 +284,10 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
     if job.skipped:
         log.info("resuming: %d of %d planned shards already complete", job.skipped, len(job.shards))
     workers, parallel = concurrency(recipe)
+    cpu0 = time.process_time()
+    timings: dict[str, float] = {}
     cluster.connect(recipe.run_dir)
+    timings["ray_ready"] = time.monotonic() - t0
     nodes: list = []
     status, error = "complete", None
     try:
@@ -279,8 +295,10 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
             nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel)
         else:
             nodes = [cluster.Node(remote_endpoint(recipe, parallel), workers * max(1, cluster.node_slots()))]
+        timings["servers_ready"] = time.monotonic() - t0
         with JobProgress(recipe.num_records) as progress:
             job.run(nodes, progress)
+        timings["generation"] = time.monotonic() - t0 - timings["servers_ready"]
     except BudgetExhausted as e:
         status = "budget_exhausted"
         error = JobError(
@@ -296,7 +314,8 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
 
         ray.shutdown()
     count = job.merge(partial=status != "complete")
-    manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status)
+    timings["driver_cpu"] = time.process_time() - cpu0
+    manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
     atomic_write(recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     if error is not None:
         raise error

@@ -75,10 +75,18 @@ def vllm_command(spec: ServeSpec, port: int) -> list[str]:
     return cmd + list(spec.extra_args)
 
 
+def simulator_command(spec: ServeSpec, port: int) -> list[str]:
+    """The capacity-limited SIMULATED server (benchmarks and tests only; it generates no language)."""
+    cmd = [sys.executable, "-m", "sdg_job.simulator", "--host", spec.host, "--port", str(port)]
+    return cmd + ["--slots", str(spec.parallel), "--seconds-per-token", str(spec.seconds_per_token), *spec.extra_args]
+
+
 def server_command(spec: ServeSpec, port: int) -> tuple[list[str], str]:
     """argv, and the env var the engine reads its API key from (so the key never appears in argv)."""
     if spec.engine == "vllm":
         return vllm_command(spec, port), "VLLM_API_KEY"
+    if spec.engine == "simulator":
+        return simulator_command(spec, port), "SIMULATOR_API_KEY"
     return llama_server_command(spec, port, llama_server_binary()), "LLAMA_API_KEY"
 
 

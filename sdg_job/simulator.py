@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import time
 from typing import Any
 
@@ -58,13 +59,15 @@ class Simulator:
         self.rng = random.Random(seed)
         self.counter = itertools.count(1)
         self.stats: dict[str, Any] = {"requests": 0, "ok": 0, "errors": {}, "busy": 0, "max_busy": 0,
-                                      "output_tokens": 0, "first_request_at": None}  # fmt: skip
+                                      "output_tokens": 0, "first_request_at": None,
+                                      "last_response_at": None}  # fmt: skip
 
     async def chat(self, request: web.Request) -> web.Response:
         n = next(self.counter)
         self.stats["requests"] += 1
         if self.stats["first_request_at"] is None:
             self.stats["first_request_at"] = time.time()
+            print(json.dumps({"first_request_at": self.stats["first_request_at"]}), flush=True)
         if self.die_after is not None and n > self.die_after:
             os._exit(17)  # a server that dies mid-run
         body = await request.json()
@@ -90,6 +93,7 @@ class Simulator:
             content = f"Simulated answer number {n}. " + " ".join(["lorem"] * max(0, min(max_tokens, 64) - 5))
         self.stats["ok"] += 1
         self.stats["output_tokens"] += max_tokens
+        self.stats["last_response_at"] = time.time()
         return web.json_response({
             "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "simulated"),
@@ -135,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print(json.dumps({"final_stats": sim.stats}), flush=True)  # benchmarks read this from the server log
+        await runner.cleanup()
 
     asyncio.run(serve())
 

@@ -1,0 +1,295 @@
+"""Benchmarks: is sdg-job bounded by its LLM servers, never by the client? Every ratio is measured side by side
+in one run, against the SIMULATED capacity-limited server (sdg_job.simulator) or the real embedded llama.cpp.
+
+    python -m sdg_job.bench            # full size, ~10 min on 2 cores
+    python -m sdg_job.bench --quick    # smoke size (CI)
+
+Prints a table and ends with one summary line of the ratios. Targets: saturation >= 0.95 of capacity at C=256,
+real server >= 0.90 of a minimal async client, scale-out >= 0.90 at K=8, client cost <= 5 ms CPU per record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from sdg_job.serve import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+console = Console(stderr=True)
+
+
+@dataclass
+class Row:
+    measure: str
+    setting: str
+    value: float
+    unit: str
+    ratio: float | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def simulator(slots: int, seconds_per_token: float):
+    """A standalone simulated server (for the clients that do not start their own)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sdg_job.simulator", "--port", str(port), "--slots", str(slots),
+           "--seconds-per-token", str(seconds_per_token)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def server_rate(stats: dict) -> float:
+    """Requests per second at the server, from its first request to its last response."""
+    window = (stats["last_response_at"] or 0) - (stats["first_request_at"] or 0)
+    return stats["ok"] / window if window > 0 else 0.0
+
+
+async def fire(url: str, model: str, requests: int, concurrency: int, max_tokens: int, prompts: list[str]) -> int:
+    """The ceiling: a minimal asyncio client that only fires requests. Returns completion tokens."""
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one(i: int) -> int:
+            async with sem:
+                body = {"model": model, "max_tokens": max_tokens,
+                        "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}  # fmt: skip
+                r = await client.post(url + "/v1/chat/completions", json=body)
+                r.raise_for_status()
+                return r.json().get("usage", {}).get("completion_tokens", 0)
+
+        return sum(await asyncio.gather(*(one(i) for i in range(requests))))
+
+
+def run_job(args: list[str], out_dir: Path, env: dict[str, str] | None = None) -> tuple[dict, float]:
+    """`python -m sdg_job run …` as a user runs it; returns its manifest and the command's start time."""
+    full_env = {**os.environ, "SDG_OUTPUT_DIR": str(out_dir), **(env or {})}
+    t_start = time.time()
+    result = subprocess.run([sys.executable, "-m", "sdg_job", "run", *args, "--fresh"], cwd=REPO, env=full_env,
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"sdg-job failed ({result.returncode}): {result.stderr[-2000:]}")
+    manifest_path = next(out_dir.glob("*.manifest.json"))
+    return json.loads(manifest_path.read_text()), t_start
+
+
+def simulator_logs(out_dir: Path) -> list[dict]:
+    """The stats lines the job's simulated servers printed into their logs."""
+    found = []
+    for log in out_dir.glob(".*.run/logs/server-*.log"):
+        for line in log.read_text().splitlines():
+            if line.startswith("{"):
+                found.append(json.loads(line))
+    return found
+
+
+def simulated_serve(slots: int, seconds_per_token: float, max_tokens: int, records: int, shard: int) -> list[str]:
+    """Overrides: the default recipe's shape (two LLM columns), served by the job's own simulated server(s)."""
+    return ["recipe=default", "serve.engine=simulator", "serve.model=simulated", "serve.served_model_name=simulated",
+            f"serve.parallel={slots}", f"serve.seconds_per_token={seconds_per_token}", "serve.extra_args=[]",
+            f"models.text.inference_parameters.max_tokens={max_tokens}", f"num_records={records}",
+            f"generation.shard_size={shard}"]  # fmt: skip
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def saturation(slots: int, records: int, plain_records: int, quick: bool, rows: list[Row], tmp: Path) -> dict:
+    max_tokens, service_s = 32, 0.5 if quick else 1.0
+    spt = service_s / max_tokens
+    capacity = slots / service_s
+    setting = f"C={slots}, {service_s:.1f} s/request, capacity {capacity:.0f} req/s"
+
+    with simulator(slots, spt) as url:
+        asyncio.run(fire(url, "simulated", 2 * records, slots, max_tokens, ["hi"]))
+        ceiling = server_rate(httpx.get(url + "/stats").json())
+    rows.append(Row("saturation", f"minimal async client, {setting}", ceiling, "req/s", ceiling / capacity))
+
+    with simulator(slots, spt) as url:
+        plain = plain_data_designer(url, plain_records, max_tokens, tmp / f"plain{slots}")
+    rows.append(Row("saturation", f"plain Data Designer defaults, {setting}", plain, "req/s", plain / capacity,
+                    "max_parallel_requests=4"))  # fmt: skip
+
+    out = tmp / f"sat{slots}"
+    manifest, t_start = run_job(simulated_serve(slots, spt, max_tokens, records, max(records // 4, 50)), out)
+    stats = next(s["final_stats"] for s in simulator_logs(out) if "final_stats" in s)
+    rate = server_rate(stats)
+    rows.append(Row("saturation", f"sdg-job, {setting}", rate, "req/s", rate / capacity))
+    return {"manifest": manifest, "t_start": t_start, "stats": stats, "ratio": rate / capacity}
+
+
+def plain_data_designer(url: str, records: int, max_tokens: int, work: Path) -> float:
+    """What a user of the original step gets: Data Designer's create() with its default concurrency."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from sdg_job.generate import offline_environment
+offline_environment(Path({str(work)!r}) / "dd_home")
+from sdg_job.config import load_recipe
+from sdg_job.generate import Endpoint, generate
+from sdg_job.seeds import read_seed_rows
+r = load_recipe("default", ["models.text.inference_parameters.max_tokens={max_tokens}"])
+rows = (read_seed_rows(r.seed_dataset.path) * 100)[:{records}]
+generate(r, Endpoint({url + "/v1"!r}, None, "simulated", 4), {records}, rows, Path({str(work)!r}) / "dd")
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    return server_rate(httpx.get(url + "/stats").json())
+
+
+def real_server(records: int, repeats: int, rows: list[Row], tmp: Path) -> float:
+    """Embedded llama.cpp: sdg-job's tokens/s over a minimal async client's, same server, same concurrency."""
+    from sdg_job.config import load_recipe
+    from sdg_job.serve import Server
+
+    spec = load_recipe("tiny").serve
+    assert spec is not None
+    max_tokens, concurrency = 64, spec.parallel
+    prompts = [json.loads(line)["topic"] for line in (REPO / "seeds" / "sft_topics.jsonl").read_text().splitlines()]
+    prompts = [f"Explain {p} in a few sentences." for p in prompts]
+    client_tps, job_tps = [], []
+    with Server(spec, tmp / "llama.log") as server:
+        url = server.endpoint.removesuffix("/v1")
+        for i in range(repeats):
+            t0 = time.monotonic()
+            tokens = asyncio.run(fire_with_key(url, server.api_key, 2 * records, concurrency, max_tokens, prompts))
+            client_tps.append(tokens / (time.monotonic() - t0))
+            env = {"OPENAI_BASE_URL": server.endpoint, "OPENAI_API_KEY": server.api_key}
+            args = ["recipe=tiny", "provider=openai", "models.text.model=smollm2-135m",
+                    f"models.text.inference_parameters.max_tokens={max_tokens}", f"num_records={records}",
+                    f"generation.shard_size={records}", f"generation.max_parallel_requests={concurrency}"]  # fmt: skip
+            manifest, _ = run_job(args, tmp / f"real{i}", env)
+            job_tps.append(manifest["tokens"]["output"] / manifest["timings_s"]["generation"])
+    c, j = statistics.median(client_tps), statistics.median(job_tps)
+    setting = f"llama.cpp SmolLM2-135M, {concurrency} slots, median of {repeats}"
+    rows.append(Row("real server", f"minimal async client, {setting}", c, "tok/s", 1.0))
+    rows.append(Row("real server", f"sdg-job, {setting}", j, "tok/s", j / c))
+    return j / c
+
+
+async def fire_with_key(url: str, key: str, requests: int, concurrency: int, max_tokens: int, prompts: list[str]):
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
+
+        async def one(i: int) -> int:
+            async with sem:
+                body = {"model": "smollm2-135m", "max_tokens": max_tokens, "temperature": 0.8,
+                        "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}  # fmt: skip
+                r = await client.post(url + "/v1/chat/completions", json=body)
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+
+        return sum(await asyncio.gather(*(one(i) for i in range(requests))))
+
+
+def scale_out(ks: list[int], per_node_records: int, rows: list[Row], tmp: Path) -> dict[int, float]:
+    """K simulated nodes (K raylets on this machine, one simulated server each, node-local routing)."""
+    from ray.cluster_utils import Cluster
+
+    slots, service_s, max_tokens = 8, 0.5, 32
+    node = {"num_cpus": 2, "resources": {"sdg_node": 1}}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    throughput: dict[int, float] = {}
+    try:
+        for k in ks:
+            while len(cluster.list_all_nodes()) < k:
+                cluster.add_node(**node)
+            cluster.wait_for_nodes()
+            records = k * per_node_records
+            args = simulated_serve(slots, service_s / max_tokens, max_tokens, records, per_node_records // 2)
+            env = {"RAY_ADDRESS": cluster.address, "SDG_EXPECTED_NODES": str(k)}
+            manifest, _ = run_job(args, tmp / f"scale{k}", env)
+            throughput[k] = manifest["records"] / manifest["timings_s"]["generation"]
+            ideal = k * throughput[ks[0]] / ks[0]
+            capacity = k * slots / service_s / 2
+            rows.append(Row("scale-out", f"K={k} simulated nodes ({slots} slots, {service_s} s each)",
+                            throughput[k], "rec/s", throughput[k] / ideal,
+                            f"{throughput[k] / capacity:.2f} of K x capacity"))  # fmt: skip
+    finally:
+        cluster.shutdown()
+    return throughput
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sdg_job.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke size, as CI runs it")
+    p.add_argument("--skip", default="", help="comma-separated: saturation,real,scaleout")
+    a = p.parse_args(argv)
+    skip = set(filter(None, a.skip.split(",")))
+    rows: list[Row] = []
+    summary: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="sdg-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "saturation" not in skip:
+            sizes = [(64, 120, 16)] if a.quick else [(64, 1200, 60), (256, 4000, 60)]
+            for slots, records, plain in sizes:
+                console.log(f"saturation at C={slots} …")
+                result = saturation(slots, records, plain, a.quick, rows, tmp)
+                summary[f"saturation C={slots}"] = result["ratio"]
+                manifest = result["manifest"]
+                summary.setdefault("client ms/record", manifest["client_cpu_ms_per_record"])
+                if "start-up s" not in summary:
+                    first = next(s["first_request_at"] for s in simulator_logs(tmp / f"sat{slots}")
+                                 if "first_request_at" in s)  # fmt: skip
+                    timings = manifest["timings_s"]
+                    summary["start-up s"] = first - result["t_start"]
+                    rows.append(Row("start-up", "command → first request at the server", first - result["t_start"],
+                                    "s", None, f"Ray ready {timings['ray_ready']:.1f} s, "
+                                    f"servers ready {timings['servers_ready']:.1f} s"))  # fmt: skip
+                rows.append(Row("client cost", f"driver + workers CPU, C={slots}",
+                                manifest["client_cpu_ms_per_record"], "ms/record"))  # fmt: skip
+        if "real" not in skip:
+            console.log("real server (llama.cpp) …")
+            summary["real server"] = real_server(6 if a.quick else 24, 1 if a.quick else 3, rows, tmp)
+        if "scaleout" not in skip:
+            ks = [1, 2] if a.quick else [1, 2, 4, 8]
+            console.log(f"scale-out K={ks} …")
+            thr = scale_out(ks, 24 if a.quick else 160, rows, tmp)
+            summary[f"scale-out K={ks[-1]}"] = thr[ks[-1]] / (ks[-1] * thr[ks[0]] / ks[0])
+
+    table = Table(title="sdg-job benchmarks (ratios measured side by side in this run)")
+    for col in ("measure", "setting", "value", "unit", "ratio", "note"):
+        table.add_column(col)
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.3f}"
+        table.add_row(r.measure, r.setting, f"{r.value:.2f}", r.unit, ratio, r.note)
+    Console().print(table)
+    print("summary: " + " | ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
