@@ -110,7 +110,17 @@ def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: En
     check = (lambda: healthy(endpoint.url)) if endpoint.served_model else None
     node_id = ray.get_runtime_context().get_node_id()
     store = RunStore(Path(run_dir))
-    return run_shard(recipe, shard, seed_rows, endpoint, store, attempt=attempt, server_ok=check, node_id=node_id)
+    # Data Designer's log for this shard goes to the run dir, not to the driver's terminal.
+    handler = logging.FileHandler(store.logs_dir / f"{shard.id}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    dd_log = logging.getLogger("data_designer")
+    dd_log.addHandler(handler)
+    dd_log.setLevel(logging.INFO)
+    try:
+        return run_shard(recipe, shard, seed_rows, endpoint, store, attempt=attempt, server_ok=check, node_id=node_id)
+    finally:
+        dd_log.removeHandler(handler)
+        handler.close()
 
 
 @dataclass

@@ -217,10 +217,10 @@ class SeedDataset(Strict):
 class Generation(Strict):
     shard_size: int = Field(default=100, ge=1)
     max_parallel_requests: int | None = Field(
-        default=None, ge=1, description="requests in flight per server; default: its capacity (64 for remote)"
+        default=None, ge=1, description="the server's capacity in concurrent requests; default: from serve (remote: 64)"
     )
     workers_per_node: int | None = Field(
-        default=None, ge=1, description="concurrent shard workers per node; default: vLLM data-parallel size, else 1"
+        default=None, ge=1, description="concurrent shard workers per node; default: enough to fill the server"
     )
     max_shard_retries: int = Field(default=3, ge=0, description="after a worker crash or a server death")
     guided_decoding: bool = Field(default=True, description="send structured/judge schemas as response_format")

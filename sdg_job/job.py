@@ -49,12 +49,17 @@ def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:
-    """(shard workers per node, requests in flight per worker): keep each server at its capacity."""
+    """(shard workers per node, requests in flight per worker), sized so each server never idles.
+
+    A record has one request in flight at a time (its columns depend on each other), so one shard keeps at
+    most `shard_size` requests going, and fewer in its tail. Enough workers to fill the server's capacity,
+    plus one whose shard overlaps another's tail; each may push a full share, the server queues the rest.
+    """
     gen, serve = recipe.generation, recipe.serve
     local = recipe.provider == "local" and serve is not None
-    workers = gen.workers_per_node or (serve.data_parallel_size if local and serve.engine == "vllm" else 1)
-    total = gen.max_parallel_requests or (serve.capacity if local else REMOTE_CONCURRENCY * workers)
-    return workers, max(1, math.ceil(total / workers))
+    capacity = gen.max_parallel_requests or (serve.capacity if local else REMOTE_CONCURRENCY)
+    workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
+    return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
 
 
 def run_shard(

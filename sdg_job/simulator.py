@@ -60,7 +60,7 @@ class Simulator:
         self.counter = itertools.count(1)
         self.stats: dict[str, Any] = {"requests": 0, "ok": 0, "errors": {}, "busy": 0, "max_busy": 0,
                                       "output_tokens": 0, "first_request_at": None,
-                                      "last_response_at": None}  # fmt: skip
+                                      "last_response_at": None, "completions": []}  # fmt: skip
 
     async def chat(self, request: web.Request) -> web.Response:
         n = next(self.counter)
@@ -94,6 +94,7 @@ class Simulator:
         self.stats["ok"] += 1
         self.stats["output_tokens"] += max_tokens
         self.stats["last_response_at"] = time.time()
+        self.stats["completions"].append(round(self.stats["last_response_at"], 4))
         return web.json_response({
             "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "simulated"),
@@ -107,7 +108,7 @@ class Simulator:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "simulated", "object": "model"}]})
 
-    async def get_stats(self, request: web.Request) -> web.Response:
+    async def get_stats(self, request: web.Request) -> web.Response:  # completion times: benchmarks' steady state
         return web.json_response(self.stats)
 
     def app(self) -> web.Application:
