@@ -86,10 +86,10 @@ def whole_run_rate(stats: dict) -> float:
     return stats["ok"] / window if window > 0 else 0.0
 
 
-async def fire(url: str, model: str, records: int, concurrency: int, max_tokens: int, prompts: list[str],
-               key: str | None = None) -> int:  # fmt: skip
+async def fire(url: str, model: str, records: list[tuple[str, str, str]], concurrency: int, max_tokens: int,
+               key: str | None = None, sampling: dict | None = None) -> int:  # fmt: skip
     """The ceiling: a minimal asyncio client doing the recipe's work and nothing else. Per record, two chained
-    requests (a question about a seed topic, then its answer), `concurrency` records at a time. Returns the
+    requests: (system, prompt), then (system, the first answer), `concurrency` records at a time. Returns the
     completion tokens."""
     import aiohttp
 
@@ -99,21 +99,43 @@ async def fire(url: str, model: str, records: int, concurrency: int, max_tokens:
     async with aiohttp.ClientSession(connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:  # fmt: skip
 
-        async def ask(content: str) -> tuple[str, int]:
-            body = {"model": model, "max_tokens": max_tokens, "temperature": 0.8,
-                    "messages": [{"role": "user", "content": content}]}  # fmt: skip
+        async def ask(system: str, content: str) -> tuple[str, int]:
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+            body = {"model": model, "max_tokens": max_tokens, "messages": messages, **(sampling or {})}
             async with session.post(url + "/v1/chat/completions", json=body) as r:
                 r.raise_for_status()
                 data = await r.json()
             return data["choices"][0]["message"]["content"] or "?", data.get("usage", {}).get("completion_tokens", 0)
 
-        async def record(i: int) -> int:
+        async def record(system1: str, prompt: str, system2: str) -> int:
             async with sem:
-                question, t1 = await ask(f"Write one question a student might ask about {prompts[i % len(prompts)]}.")
-                _, t2 = await ask(question)
+                question, t1 = await ask(system1, prompt)
+                _, t2 = await ask(system2, question)
                 return t1 + t2
 
-        return sum(await asyncio.gather(*(record(i) for i in range(records))))
+        return sum(await asyncio.gather(*(record(*r) for r in records)))
+
+
+def recipe_requests(count: int) -> list[tuple[str, str, str]]:
+    """The tiny recipe's two requests per record, rendered as Data Designer renders them (same seeds, samplers)."""
+    import random
+
+    import jinja2
+
+    from sdg_job.config import load_recipe
+    from sdg_job.seeds import read_seed_rows
+
+    recipe = load_recipe("tiny")
+    rng = random.Random(0)
+    rows = read_seed_rows(recipe.seed_dataset.path)  # type: ignore[union-attr]
+    ask, answer = recipe.columns["user_message"], recipe.columns["assistant_message"]
+    persona, tone = recipe.columns["persona"].params["values"], recipe.columns["tone"].params["values"]  # type: ignore[union-attr]
+    template = jinja2.Template(ask.prompt)  # type: ignore[union-attr]
+    out = []
+    for i in range(count):
+        values = {**rows[i % len(rows)], "persona": rng.choice(persona), "tone": rng.choice(tone)}
+        out.append((ask.system_prompt, template.render(values), answer.system_prompt))  # type: ignore[union-attr]
+    return out
 
 
 class TokenRate:
@@ -195,7 +217,7 @@ def saturation(slots: int, records: int, plain_records: int, service_s: float, s
     setting = f"C={slots}, {service_s:.1f} s/request, capacity {capacity:.0f} req/s"
 
     with simulator(slots, spt) as url:
-        asyncio.run(fire(url, "simulated", records, slots, max_tokens, ["primes"]))
+        asyncio.run(fire(url, "simulated", recipe_requests(records), slots, max_tokens))
         ceiling = server_rate(httpx.get(url + "/stats").json())
     rows.append(Row("saturation", f"minimal async client, {setting}", ceiling, "req/s", ceiling / capacity))
 
@@ -242,13 +264,15 @@ def real_server(records: int, repeats: int, rows: list[Row], tmp: Path) -> float
     assert spec is not None
     spec = spec.model_copy(update={"extra_args": ["--metrics"]})
     max_tokens, concurrency = 64, spec.parallel
-    topics = [json.loads(line)["topic"] for line in (REPO / "seeds" / "sft_topics.jsonl").read_text().splitlines()]
+    work = recipe_requests(records)
+    params = load_recipe("tiny").models["text"].inference_parameters
+    sampling = {"temperature": params.temperature, "top_p": params.top_p}
     client_tps, job_tps = [], []
     with Server(spec, tmp / "llama.log") as server:
         url = server.endpoint.removesuffix("/v1")
         for i in range(repeats):
             with TokenRate(url, server.api_key) as rate:
-                asyncio.run(fire(url, "smollm2-135m", records, concurrency, max_tokens, topics, server.api_key))
+                asyncio.run(fire(url, "smollm2-135m", work, concurrency, max_tokens, server.api_key, sampling))
             client_tps.append(rate.sustained())
             env = {"OPENAI_BASE_URL": server.endpoint, "OPENAI_API_KEY": server.api_key}
             args = ["recipe=tiny", "provider=openai", "models.text.model=smollm2-135m",

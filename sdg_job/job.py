@@ -147,21 +147,25 @@ class Job:
     def attempted(self) -> int:
         return sum(x["requested"] for x in self.summaries.values())
 
-    def top_up(self) -> Shard | None:
-        """The next shard when the committed records fall short of num_records, or None when done."""
+    def top_up(self, parallel: int) -> list[Shard]:
+        """Shards that cover the gap to num_records at the yield seen so far, split over up to `parallel` workers
+        so a top-up does not leave the other nodes idle. Empty when exactly num_records are committed."""
         n, gen = self.recipe.num_records, self.recipe.generation
         records, dupes = unique_records(self.store, [s.id for s in self.shards], limit=n)
         if len(records) >= n:
-            return None
+            return []
         requested = self.attempted()
         budget = int(gen.budget * n)
         if requested >= budget:
             raise BudgetExhausted(len(records), requested)
         valid = sum(x["valid"] for x in self.summaries.values()) - dupes
-        size = min(top_up_size(n - len(records), valid, requested, gen.shard_size), budget - requested)
-        self.shards.append(self._shard(len(self.shards), size))
-        log.info("topping up: %d of %d valid, adding %s (%d records)", len(records), n, self.shards[-1].id, size)
-        return self.shards[-1]
+        total = min(top_up_size(n - len(records), valid, requested, gen.shard_size * parallel), budget - requested)
+        pieces = max(1, min(parallel, total))
+        sizes = [total // pieces + (i < total % pieces) for i in range(pieces)]
+        added = [self._shard(len(self.shards) + i, size) for i, size in enumerate(sizes)]
+        self.shards += added
+        log.info("topping up: %d of %d valid, adding %d shard(s) with %d records", len(records), n, len(added), total)
+        return added
 
     def run(self, nodes: list, progress: JobProgress) -> None:
         """Keep every node's workers busy until exactly num_records valid records are committed."""
@@ -179,10 +183,10 @@ class Job:
                     ref = node.submit(self.recipe, shard, self.seed_rows, self.store.run_dir, attempts.get(shard.id, 0))
                     inflight[ref] = (shard, node)
             if not inflight:
-                shard = self.top_up()
-                if shard is None:
+                added = self.top_up(sum(node.slots for node in nodes))
+                if not added:
                     return
-                todo.append(shard)
+                todo.extend(added)
                 continue
             for node in nodes:
                 node.watch()
@@ -267,7 +271,7 @@ class Job:
 
 
 def _cpu_per_record(timings: dict[str, float], summaries, records: int) -> float | None:
-    """Client cost: CPU of the driver and of every shard worker, per valid record."""
+    """Client cost: CPU of the driver and of every shard worker (all their threads), per valid record."""
     if not records:
         return None
     cpu = timings.get("driver_cpu", 0.0) + sum(x.get("cpu_s", 0.0) for x in summaries)

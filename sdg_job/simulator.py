@@ -58,6 +58,7 @@ class Simulator:
         self.faults, self.die_after = faults, die_after
         self.rng = random.Random(seed)
         self.counter = itertools.count(1)
+        self.nonce = f"{os.getpid()}-{random.getrandbits(32):08x}"  # answers unique across simulated servers
         self.stats: dict[str, Any] = {"requests": 0, "ok": 0, "errors": {}, "busy": 0, "max_busy": 0,
                                       "output_tokens": 0, "first_request_at": None,
                                       "last_response_at": None, "completions": []}  # fmt: skip
@@ -90,7 +91,7 @@ class Simulator:
             schema = fmt.get("schema", {})
             content = json.dumps(schema_instance(schema, schema.get("$defs", {}), self.rng, n))
         else:
-            content = f"Simulated answer number {n}. " + " ".join(["lorem"] * max(0, min(max_tokens, 64) - 5))
+            content = f"Simulated answer {self.nonce}-{n}. " + " ".join(["lorem"] * max(0, min(max_tokens, 64) - 5))
         self.stats["ok"] += 1
         self.stats["output_tokens"] += max_tokens
         self.stats["last_response_at"] = time.time()
