@@ -134,7 +134,7 @@ def recipe_requests(count: int) -> list[tuple[str, str, str]]:
     out = []
     for i in range(count):
         values = {**rows[i % len(rows)], "persona": rng.choice(persona), "tone": rng.choice(tone)}
-        out.append((ask.system_prompt, template.render(values), answer.system_prompt))  # type: ignore[union-attr]
+        out.append((str(ask.system_prompt), template.render(values), str(answer.system_prompt)))  # type: ignore[union-attr]
     return out
 
 
@@ -142,7 +142,8 @@ class TokenRate:
     """Samples llama-server's Prometheus counter of predicted tokens, to measure any client at the server."""
 
     def __init__(self, url: str, key: str):
-        self.url, self.samples, self._stop = url, [], threading.Event()
+        self.url, self._stop = url, threading.Event()
+        self.samples: list[tuple[float, float]] = []
         self.headers = {"Authorization": f"Bearer {key}"}
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -294,7 +295,7 @@ def scale_out(ks: list[int], per_node_records: int, rows: list[Row], tmp: Path) 
     from ray.cluster_utils import Cluster
 
     slots, service_s, max_tokens = 8, 0.5, 32
-    node = {"num_cpus": 2, "resources": {"sdg_node": 1}}
+    node: dict[str, Any] = {"num_cpus": 2, "resources": {"sdg_node": 1}}
     cluster = Cluster(initialize_head=True, head_node_args=node)
     throughput: dict[int, float] = {}
     try:

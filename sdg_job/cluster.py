@@ -174,7 +174,7 @@ def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, pa
     spec = recipe.serve
     # vLLM's GPUs are reserved for the actor, so Ray sets CUDA_VISIBLE_DEVICES for the server it starts.
     gpus = spec.tensor_parallel_size * spec.data_parallel_size if spec.engine == "vllm" else 0
-    actors = [NodeServer.options(num_gpus=gpus).remote(spec, str(logs_dir)) for _ in range(count)]
+    actors = [NodeServer.options(num_gpus=gpus).remote(spec, str(logs_dir)) for _ in range(count)]  # type: ignore[attr-defined]
     t0 = time.monotonic()
     infos = ray.get([a.start.remote() for a in actors])
     log.info("%d %s server(s) healthy in %.1fs", count, recipe.serve.engine, time.monotonic() - t0)

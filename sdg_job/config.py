@@ -276,23 +276,23 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise RecipeError(str(path), "", "a recipe must be a mapping")
     seed = cfg.get("seed_dataset")
-    if isinstance(seed, DictConfig) and isinstance(seed._get_node("path")._value(), str):
-        raw = seed._get_node("path")._value()
-        if "${" not in raw and not Path(raw).expanduser().is_absolute():
+    if isinstance(seed, DictConfig) and "path" in seed and not OmegaConf.is_interpolation(seed, "path"):
+        raw = seed.path
+        if isinstance(raw, str) and not Path(raw).expanduser().is_absolute():
             seed.path = str((path.parent / raw).resolve())  # relative to the file that names it
     parents = cfg.pop("defaults", [])
     if isinstance(parents, str):
         parents = [parents]
     if not isinstance(parents, (list, ListConfig)):
         raise RecipeError(str(path), "defaults", "must be a list of recipe names or paths")
-    merged = OmegaConf.create({})
+    merged: DictConfig = OmegaConf.create({})
     for parent in parents:
         # Next to the including file first, then the built-in recipes: `defaults: [default, layers/cpu]`.
         name = str(parent) if str(parent).endswith((".yaml", ".yml")) else f"{parent}.yaml"
         parent_path = path.parent / name
         if not parent_path.is_file() and (RECIPES_DIR / name).is_file():
             parent_path = RECIPES_DIR / name
-        merged = OmegaConf.merge(merged, _load_yaml(parent_path.resolve(), (*chain, path)))
+        merged = OmegaConf.merge(merged, _load_yaml(parent_path.resolve(), (*chain, path)))  # type: ignore[assignment]
     _drop_retyped(merged, cfg)
     return OmegaConf.merge(merged, cfg)  # type: ignore[return-value]
 

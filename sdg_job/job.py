@@ -56,8 +56,8 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     plus one whose shard overlaps another's tail; each may push a full share, the server queues the rest.
     """
     gen, serve = recipe.generation, recipe.serve
-    local = recipe.provider == "local" and serve is not None
-    capacity = gen.max_parallel_requests or (serve.capacity if local else REMOTE_CONCURRENCY)
+    served_here = serve.capacity if recipe.provider == "local" and serve is not None else REMOTE_CONCURRENCY
+    capacity = gen.max_parallel_requests or served_here
     workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
     return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from sdg_job.errors import RecipeError
 
 
-def read_seed_rows(path: Path, required_fields: set[str] = frozenset()) -> list[dict]:
+def read_seed_rows(path: Path, required_fields: Collection[str] = ()) -> list[dict]:
     """Every non-blank line must be a JSON object carrying all `required_fields`."""
     if not path.is_file():
         raise RecipeError(str(path), "", "seed file not found (seed_dataset.path)")
@@ -24,7 +25,7 @@ def read_seed_rows(path: Path, required_fields: set[str] = frozenset()) -> list[
                 raise RecipeError(str(path), f"line {lineno}", f"not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise RecipeError(str(path), f"line {lineno}", "each line must be a JSON object")
-            missing = required_fields - row.keys()
+            missing = set(required_fields) - row.keys()
             if missing:
                 raise RecipeError(str(path), f"line {lineno}", f"missing seed field(s) {sorted(missing)}")
             rows.append(row)
