@@ -29,7 +29,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from sdg_job.serve import free_port
+from sdg_job.serve import Server, simulator_spec
 
 REPO = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
@@ -49,25 +49,10 @@ class Row:
 
 
 @contextmanager
-def simulator(slots: int, seconds_per_token: float):
-    """A standalone simulated server (for the clients that do not start their own)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "sdg_job.simulator", "--port", str(port), "--slots", str(slots),
-           "--seconds-per-token", str(seconds_per_token)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def simulator(slots: int, seconds_per_token: float, log_path: Path):
+    """A standalone simulated server (for the clients that do not start their own); yields its base URL."""
+    with Server(simulator_spec(slots, seconds_per_token), log_path) as server:
+        yield server.url
 
 
 def server_rate(stats: dict) -> float:
@@ -217,12 +202,12 @@ def saturation(slots: int, records: int, plain_records: int, service_s: float, s
     capacity = slots / service_s
     setting = f"C={slots}, {service_s:.1f} s/request, capacity {capacity:.0f} req/s"
 
-    with simulator(slots, spt) as url:
+    with simulator(slots, spt, tmp / f"ceiling{slots}.log") as url:
         asyncio.run(fire(url, "simulated", recipe_requests(records), slots, max_tokens))
         ceiling = server_rate(httpx.get(url + "/stats").json())
     rows.append(Row("saturation", f"minimal async client, {setting}", ceiling, "req/s", ceiling / capacity))
 
-    with simulator(slots, spt) as url:
+    with simulator(slots, spt, tmp / f"plain{slots}.log") as url:
         plain = plain_data_designer(url, plain_records, max_tokens, tmp / f"plain{slots}")
     rows.append(Row("saturation", f"plain Data Designer defaults, {setting}", plain, "req/s", plain / capacity,
                     "max_parallel_requests=4"))  # fmt: skip
@@ -259,7 +244,6 @@ def real_server(records: int, repeats: int, rows: list[Row], tmp: Path) -> float
     """Embedded llama.cpp: sdg-job's sustained tokens/s over a minimal async client's doing the same two-step
     work, both measured at the server (its token counter), same concurrency, alternating runs."""
     from sdg_job.config import load_recipe
-    from sdg_job.serve import Server
 
     spec = load_recipe("tiny").serve
     assert spec is not None
@@ -270,7 +254,7 @@ def real_server(records: int, repeats: int, rows: list[Row], tmp: Path) -> float
     sampling = {"temperature": params.temperature, "top_p": params.top_p}
     client_tps, job_tps = [], []
     with Server(spec, tmp / "llama.log") as server:
-        url = server.endpoint.removesuffix("/v1")
+        url = server.url
         for i in range(repeats):
             with TokenRate(url, server.api_key) as rate:
                 asyncio.run(fire(url, "smollm2-135m", work, concurrency, max_tokens, server.api_key, sampling))

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def simulator_command(spec: ServeSpec, port: int) -> list[str]:
     return cmd + ["--slots", str(spec.parallel), "--seconds-per-token", str(spec.seconds_per_token), *spec.extra_args]
 
 
+def simulator_spec(slots: int = 64, seconds_per_token: float = 0.001, extra_args: Sequence[str] = ()) -> ServeSpec:
+    """A standalone simulated server for benchmarks and fault tests (e.g. extra_args=["--fail-500", "0.1"])."""
+    return ServeSpec(engine="simulator", model="simulated", served_model_name="simulated", parallel=slots,
+                     seconds_per_token=seconds_per_token, extra_args=list(extra_args))  # fmt: skip
+
+
 def server_command(spec: ServeSpec, port: int) -> tuple[list[str], str]:
     """argv, and the env var the engine reads its API key from (so the key never appears in argv)."""
     if spec.engine == "vllm":
@@ -113,8 +120,12 @@ class Server:
     restarts: int = 0
 
     @property
+    def url(self) -> str:
+        return f"http://{self.spec.host}:{self.port}"
+
+    @property
     def endpoint(self) -> str:
-        return f"http://{self.spec.host}:{self.port}/v1"
+        return f"{self.url}/v1"
 
     def start(self) -> Server:
         self.port = self.port or free_port(self.spec.host)
@@ -136,7 +147,7 @@ class Server:
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.spec.startup_timeout_s
-        url = f"http://{self.spec.host}:{self.port}/health"
+        url = f"{self.url}/health"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode

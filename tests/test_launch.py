@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sdg_job.serve import Server, simulator_spec
 from tests.conftest import REPO, read_jsonl
 
 SECRET = "nvapi-SENTINEL-launch-0123456789"
@@ -155,14 +156,10 @@ def test_docker_entrypoint_command_runs_the_job(tmp_path: Path) -> None:
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
     assert entrypoint == ["python3", "-m", "sdg_job", "run"]
     assert re.search(r"NEMO_RUN_DIR=/out", dockerfile)
-    port = 19000 + os.getpid() % 1000
-    sim = subprocess.Popen([sys.executable, "-m", "sdg_job.simulator", "--port", str(port)])
-    try:
+    with Server(simulator_spec(), tmp_path / "sim.log") as sim:
         env = {k: v for k, v in os.environ.items() if k != "SDG_OUTPUT_DIR"}
-        env |= {"NEMO_RUN_DIR": str(tmp_path / "out"), "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        env |= {"NEMO_RUN_DIR": str(tmp_path / "out"), "OPENAI_BASE_URL": sim.endpoint}
         cmd = [sys.executable, *entrypoint[1:], "recipe=tiny", "provider=openai", "num_records=3"]
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(read_jsonl(tmp_path / "out" / "sdg" / "tiny.jsonl")) == 3
-    finally:
-        sim.kill()

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from sdg_job.serve import Server, simulator_spec
 from tests.conftest import REPO, read_jsonl, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -83,14 +85,20 @@ def test_shards_run_on_both_nodes_each_against_its_own_server(two_nodes, out_dir
     assert len(logs) == 2 and all("print_timing" in log.read_text() for log in logs)  # both servers answered
 
 
-def test_killed_worker_is_retried_without_loss_or_duplicates(two_nodes, out_dir: Path) -> None:
-    proc = start_cli(out_dir, two_nodes, *ARGS)
+def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: str) -> dict:
+    """Once the first shard is committed, SIGKILL a process matching `victim_pattern`; the run must still end
+    with exactly 40 unique records. Returns the manifest."""
+    proc = start_cli(out_dir, env, *ARGS)
     wait_for(lambda: committed(out_dir), what="the first committed shard")
-    victim = wait_for(lambda: pids("ray::shard_task"), timeout=120, what="a running shard worker")[0]
+    victim = wait_for(lambda: pids(victim_pattern), timeout=120, what=what)[0]
     os.kill(victim, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
-    manifest = assert_exactly_40_unique(out_dir)
+    return assert_exactly_40_unique(out_dir)
+
+
+def test_killed_worker_is_retried_without_loss_or_duplicates(two_nodes, out_dir: Path) -> None:
+    manifest = kill_mid_run(two_nodes, out_dir, "ray::shard_task", "a running shard worker")
     assert manifest["retries"] >= 1 and manifest["failures"][0]["shard"].startswith("shard-")
 
 
@@ -108,42 +116,19 @@ def test_killed_driver_resumes_and_skips_finished_shards(two_nodes, out_dir: Pat
 
 
 def test_killed_server_is_restarted_and_its_shards_retried(two_nodes, out_dir: Path) -> None:
-    proc = start_cli(out_dir, two_nodes, *ARGS)
-    wait_for(lambda: committed(out_dir), what="the first committed shard")
-    victim = wait_for(lambda: pids("llama-server.*smollm2"), timeout=60, what="a llama-server")[0]
-    os.kill(victim, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    manifest = assert_exactly_40_unique(out_dir)
+    manifest = kill_mid_run(two_nodes, out_dir, "llama-server.*smollm2", "a llama-server")
     assert manifest["server_restarts"] >= 1
 
 
-def test_http_errors_are_counted_and_topped_up(out_dir: Path) -> None:
+def test_http_errors_are_counted_and_topped_up(out_dir: Path, tmp_path: Path) -> None:
     """SIMULATED server (sdg_job.simulator) failing 10% of requests each with HTTP 500, 429 and 400."""
-    port = 18000 + os.getpid() % 1000
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "sdg_job.simulator", "--port", str(port), "--fail-500", "0.1", "--fail-429", "0.1",
-         "--fail-400", "0.1", "--seconds-per-token", "0.0002"],
-    )  # fmt: skip
-    try:
-        import httpx
-
-        wait_for(lambda: _up(httpx, port), timeout=30, what="the simulator")
-        env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"}
-        result = run_cli(*ARGS, "provider=openai", out_dir=out_dir, env=env)
+    faults = ["--fail-500", "0.1", "--fail-429", "0.1", "--fail-400", "0.1"]
+    with Server(simulator_spec(seconds_per_token=0.0002, extra_args=faults), tmp_path / "sim.log") as sim:
+        result = run_cli(*ARGS, "provider=openai", out_dir=out_dir, env={"OPENAI_BASE_URL": sim.endpoint})
         assert result.returncode == 0, result.stderr[-3000:]
         manifest = assert_exactly_40_unique(out_dir)
-        stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
+        stats = httpx.get(sim.url + "/stats").json()
         assert stats["errors"].get("400", 0) >= 1 and stats["errors"].get("500", 0) >= 1
         # 400s are not retryable: those rows are dropped, counted, and replaced by top-up shards
         assert manifest["dropped"]["generation_failed"] >= 1
         assert manifest["attempted"] == 40 + sum(manifest["dropped"].values())
-    finally:
-        sim.kill()
-
-
-def _up(httpx, port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-    except httpx.HTTPError:
-        return False
