@@ -1,6 +1,7 @@
 """One shard's records: recipe columns → Data Designer config → `create()` against one endpoint → raw rows.
 
-This is the only module that imports Data Designer's engine. It knows nothing of YAML, Ray or merging.
+This is the only module that drives Data Designer's engine (dd_hotpath only patches it). It knows nothing of YAML,
+Ray or merging.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,19 @@ def offline_environment(home: Path) -> None:
     os.environ.setdefault("NEMO_TELEMETRY_ENABLED", "false")
     os.environ.setdefault("DATA_DESIGNER_HOME", str(home))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
+
+
+def load_engine() -> float:
+    """Import Data Designer and install the hot-path fixes; returns the CPU seconds it took (~0 once loaded).
+    A worker pays this once, so the manifest reports it apart from the per-record cost."""
+    from sdg_job import dd_hotpath
+
+    started = time.process_time()
+    import data_designer.config  # noqa: F401
+    from data_designer.interface import DataDesigner  # noqa: F401  (the package imports lazily, on access)
+
+    dd_hotpath.apply()
+    return time.process_time() - started
 
 
 def structured_schema(column: LLMStructuredColumn | LLMJudgeColumn) -> dict[str, Any]:
