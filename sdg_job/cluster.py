@@ -142,6 +142,10 @@ class Node:
         options: dict[str, Any] = {}
         if self.node_id:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+            # `slots` already bounds the shards on this node; a CPU reservation would only let Ray hold back a
+            # worker its server needs on a node with fewer cores than workers (a worker is I/O-bound: a few ms
+            # of CPU per record).
+            options["num_cpus"] = 0
         return shard_task.options(**options).remote(
             recipe, shard, seed_rows, self.endpoint, self.api_key, str(run_dir), attempt
         )

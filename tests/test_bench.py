@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sdg_job.config import load_recipe
-from sdg_job.job import concurrency
+from sdg_job.job import client_cpu, concurrency
 from tests.conftest import REPO
 
 
@@ -22,6 +22,15 @@ def test_concurrency_fills_each_server_with_overlapping_shards() -> None:
     assert (workers, per_worker) == (2, 64)
 
 
+def test_client_cost_sets_apart_what_a_job_pays_once() -> None:
+    timings = {"driver_cpu_startup": 1.0, "driver_cpu": 1.5}  # start-up, then 0.5 s in the loop
+    shards = [{"cpu_s": 2.0, "engine_load_cpu_s": 0.6}, {"cpu_s": 2.0, "engine_load_cpu_s": 0.0}]
+    cpu = client_cpu(timings, shards, 1000)
+    assert cpu["steady_ms_per_record"] == 4.5  # (0.5 + 2 + 2) s over 1000 records
+    assert cpu["ms_per_record"] == 6.1  # and the 1.6 s paid once
+    assert client_cpu(timings, [], 0)["ms_per_record"] is None
+
+
 @pytest.mark.e2e
 def test_bench_quick_prints_table_and_summary_ratios() -> None:
     result = subprocess.run([sys.executable, "-m", "sdg_job.bench", "--quick"], cwd=REPO, capture_output=True,
@@ -30,7 +39,8 @@ def test_bench_quick_prints_table_and_summary_ratios() -> None:
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("summary: ")
     values = dict(re.findall(r"([a-zA-Z][\w =/-]*?) (\d+\.\d+)", summary.removeprefix("summary: ")))
-    assert {"saturation C=64", "real server", "scale-out K=2", "client ms/record", "start-up s"} <= set(values)
+    assert {"saturation C=64", "real server", "scale-out K=2", "client ms/record", "start-up s",
+            "engine fixed/released"} <= set(values)  # fmt: skip
     table = result.stdout
     plain = float(re.search(r"plain Data Designer defaults.*?│\s*[\d.]+\s*│\s*req/s\s*│\s*([\d.]+)", table).group(1))
     assert float(values["saturation C=64"]) > 5 * plain  # sdg-job keeps the server far fuller than DD's defaults

@@ -63,6 +63,9 @@ def test_tiny_manifest_has_provenance_and_counts(tiny_run) -> None:
     assert manifest["tokens"]["output"] > 0 and manifest["wall_time_s"] > 0
     assert manifest["attempted"] - manifest["records"] == sum(manifest["dropped"].values())
     assert sum(s["valid"] for s in manifest["shards"]) >= 10
+    cpu = manifest["client_cpu"]  # each worker loads Data Designer once; the per-record cost leaves that out
+    assert cpu["seconds"]["worker_engine_load"] > 0 and cpu["seconds"]["shards"] > 0
+    assert 0 < cpu["steady_ms_per_record"] < cpu["ms_per_record"]
     # Data Designer stayed offline and at home in the run dir; server logs are in the run dir.
     run_dir = out_dir / ".tiny.run"
     assert list((run_dir / "logs").glob("server-*.log"))
