@@ -82,9 +82,8 @@ class NodeServer:
         return self.server.api_key
 
     def ensure_alive(self) -> int:
-        """Restart the server if its process has died; returns how often it has been restarted. (Only death
-        counts: a busy server may answer /health slowly, and restarting it would lose its in-flight work.)"""
-        if not self.server.alive():
+        """Restart the server if its process has died or hung; returns how often it has been restarted."""
+        if not self.server.alive() or self.server.hung():
             self.server.restart()
         return self.server.restarts
 
@@ -156,9 +155,9 @@ class Node:
             self.info["restarts"] = ray.get(self.actor.ensure_alive.remote())
 
     def watch(self, interval: float = 5.0) -> None:
-        """Non-blocking watchdog: every `interval` s, ask the node's actor to restart a dead server. It comes back
-        on the same port, so the shard in flight carries on: Data Designer defers requests that hit a closed
-        port and retries them, and the shard commits only if the server is healthy at its end."""
+        """Non-blocking watchdog: every `interval` s, ask the node's actor to restart a dead or hung server. It
+        comes back on the same port, so the shard in flight carries on: Data Designer defers requests that hit a
+        closed port and retries them, and the shard commits only if the server is healthy at its end."""
         if self.actor is None:
             return
         if self.health_ref is not None:

@@ -74,6 +74,9 @@ class ServeSpec(Strict):
     served_model_name: str
     host: str = "127.0.0.1"
     startup_timeout_s: float = Field(default=900, gt=0)
+    hang_timeout_s: float = Field(
+        default=180, ge=0, description="restart a running server whose /health has not answered for this long; 0: never"
+    )
     # vLLM
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
@@ -422,11 +425,19 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return mask_secrets(recipe.model_dump(mode="json"))
 
 
+# How a server runs, not what it generates: tuning these after a crash (an OOM, a hang) must not cost the
+# finished shards on resume.
+OPERATIONAL_SERVE_KEYS = ("host", "startup_timeout_s", "hang_timeout_s", "threads", "parallel", "max_num_seqs",
+                          "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size")  # fmt: skip
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Identity of what the job generates. Resume refuses a run dir made by a different recipe."""
     data = recipe_dict(recipe)
     data.pop("num_records")  # growing or shrinking a run keeps its finished shards
     data.pop("generation", None)
+    for key in OPERATIONAL_SERVE_KEYS:
+        (data.get("serve") or {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -118,6 +118,7 @@ class Server:
     argv: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     restarts: int = 0
+    last_healthy: float = 0.0  # monotonic time of the last /health that answered 200
 
     @property
     def url(self) -> str:
@@ -147,26 +148,37 @@ class Server:
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.spec.startup_timeout_s
-        url = f"{self.url}/health"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise JobError(
                     f"{self.spec.engine} server exited with code {code} during start-up; see {self.log_path}"
                 )
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self.healthy(timeout_s=2):
+                return
             time.sleep(0.2)
         self.stop()
         raise JobError(
             f"{self.spec.engine} server not healthy after {self.spec.startup_timeout_s:.0f}s; see {self.log_path}"
         )
 
+    def healthy(self, timeout_s: float = 5) -> bool:
+        try:
+            ok = httpx.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            self.last_healthy = time.monotonic()
+        return ok
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def hung(self) -> bool:
+        """Running, but /health has not answered for `hang_timeout_s` (a deadlocked engine, a stopped process).
+        A busy server still answers within that time, so in-flight work is not thrown away for being slow."""
+        limit = self.spec.hang_timeout_s
+        return bool(limit) and not self.healthy() and time.monotonic() - self.last_healthy > limit
 
     def restart(self) -> None:
         self.stop()
@@ -179,6 +191,7 @@ class Server:
             return
         try:
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:

@@ -85,13 +85,14 @@ def test_shards_run_on_both_nodes_each_against_its_own_server(two_nodes, out_dir
     assert len(logs) == 2 and all("print_timing" in log.read_text() for log in logs)  # both servers answered
 
 
-def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: str) -> dict:
-    """Once the first shard is committed, SIGKILL a process matching `victim_pattern`; the run must still end
-    with exactly 40 unique records. Returns the manifest."""
-    proc = start_cli(out_dir, env, *ARGS)
+def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: str,
+                 sig: signal.Signals = signal.SIGKILL, *extra: str) -> dict:  # fmt: skip
+    """Once the first shard is committed, send `sig` to a process matching `victim_pattern`; the run must still
+    end with exactly 40 unique records. Returns the manifest."""
+    proc = start_cli(out_dir, env, *ARGS, *extra)
     wait_for(lambda: committed(out_dir), what="the first committed shard")
     victim = wait_for(lambda: pids(victim_pattern), timeout=120, what=what)[0]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, sig)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     return assert_exactly_40_unique(out_dir)
@@ -117,6 +118,13 @@ def test_killed_driver_resumes_and_skips_finished_shards(two_nodes, out_dir: Pat
 
 def test_killed_server_is_restarted_and_its_shards_retried(two_nodes, out_dir: Path) -> None:
     manifest = kill_mid_run(two_nodes, out_dir, "llama-server.*smollm2", "a llama-server")
+    assert manifest["server_restarts"] >= 1
+
+
+def test_hung_server_is_restarted_and_the_run_completes(two_nodes, out_dir: Path) -> None:
+    # SIGSTOP: the process lives on but answers nothing, like a deadlocked engine.
+    manifest = kill_mid_run(two_nodes, out_dir, "llama-server.*smollm2", "a llama-server", signal.SIGSTOP,
+                            "serve.hang_timeout_s=10")  # fmt: skip
     assert manifest["server_restarts"] >= 1
 
 

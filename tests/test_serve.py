@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 from sdg_job.config import load_recipe
-from sdg_job.serve import embedded_model_path, llama_server_command, server_command, vllm_command
+from sdg_job.serve import (
+    Server,
+    embedded_model_path,
+    llama_server_command,
+    server_command,
+    simulator_spec,
+    vllm_command,
+)
 
 
 def test_vllm_command_from_default_recipe() -> None:
@@ -36,3 +46,17 @@ def test_llama_server_command_serves_the_embedded_model_on_loopback() -> None:
     assert embedded_model_path().is_file()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("-np") + 1] == "4" and argv[argv.index("--alias") + 1] == "smollm2-135m"
+
+
+def test_a_stopped_server_is_hung_only_after_its_timeout_and_restarts_on_the_same_port(tmp_path) -> None:
+    """The SIMULATED server (sdg_job.simulator), frozen with SIGSTOP: alive, but answering nothing."""
+    spec = simulator_spec().model_copy(update={"hang_timeout_s": 8.0})
+    with Server(spec, tmp_path / "sim.log") as server:
+        port = server.port
+        assert server.alive() and not server.hung()
+        os.kill(server.process.pid, signal.SIGSTOP)
+        assert not server.hung()  # one 5 s health probe unanswered: slow, not yet hung
+        assert server.hung()  # a second one: 10 s without an answer
+        assert server.alive()
+        server.restart()  # SIGTERM + SIGCONT, so the frozen process does not hold up the restart
+        assert server.port == port and server.healthy() and not server.hung() and server.restarts == 1
