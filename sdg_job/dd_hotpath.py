@@ -1,4 +1,4 @@
-"""Four fixes to Data Designer's per-request hot path, applied in every process that generates shards.
+"""Five fixes to Data Designer's per-request hot path, applied in every process that generates shards.
 
 py-spy on Data Designer 0.9.7 alone (one core, default recipe shape, against the simulator) put its client cost at
 about 5 ms of CPU per record with 64 requests in flight and 7-8 ms with 256; with these fixes it is about 3 ms at
@@ -14,6 +14,10 @@ to send upstream:
 4. Connection pools: httpcore checks every connection of a pool on each request, and Data Designer splits its
    pool into at most 16 shards, so at 256 in flight each request checked ~32 connections (a fifth of the cost).
    Beyond 64 in flight there are more shards instead (up to 64), each as small as at 64.
+5. Token counting (reasoning tokens of each response, the profile after each create()) loads tiktoken's
+   cl100k_base, downloading it on first use. Offline, as GPU nodes often are, every call tried the download
+   again (an lru_cache keeps no failures), each a network round trip, or a connect timeout where a firewall
+   drops packets. One attempt per process; after a failure counting is skipped, which Data Designer handles.
 
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
 skipped with a warning, so an upgrade never runs patched code nobody checked against it.
@@ -30,6 +34,7 @@ log = logging.getLogger("sdg_job.dd_hotpath")
 
 TESTED_VERSION = "0.9.7"
 _applied: bool | None = None  # None: not tried yet
+tokenizer_error: str | None = None  # why cl100k_base could not be loaded in this process
 
 
 def apply() -> bool:
@@ -43,6 +48,7 @@ def apply() -> bool:
             _pass_text_answers_through()
             _share_ssl_contexts()
             _smaller_connection_pools()
+            _one_tokenizer_download_attempt()
         else:
             log.warning("Data Designer %s: hot-path fixes skipped (tested on %s)", found, TESTED_VERSION)
     return _applied
@@ -102,3 +108,20 @@ def _smaller_connection_pools() -> None:
         self._shard_count = max(self._shard_count, min(64, kwargs.get("max_parallel_requests", 32) // 4))
 
     HttpModelClient.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _one_tokenizer_download_attempt() -> None:
+    from data_designer.engine.utils import token_counting
+
+    load = token_counting.get_cl100k_base_tokenizer
+
+    def get_cl100k_base_tokenizer():
+        global tokenizer_error
+        if tokenizer_error is None:
+            try:
+                return load()
+            except Exception as e:  # noqa: BLE001  (whatever tiktoken or requests raised)
+                tokenizer_error = f"{type(e).__name__}: {e}"
+        raise RuntimeError(f"tiktoken cl100k_base unavailable in this process ({tokenizer_error})")
+
+    token_counting.get_cl100k_base_tokenizer = get_cl100k_base_tokenizer

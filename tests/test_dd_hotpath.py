@@ -72,3 +72,27 @@ def test_connection_pools_stay_small_at_any_concurrency(in_flight: int, shards: 
     assert len(pools) == shards
     assert max(p.max_connections for p in pools) <= 8  # each request scans one small pool
     assert sum(p.max_connections for p in pools) >= 2 * in_flight  # room for twice the requests, as before
+
+
+def test_an_offline_tokenizer_download_is_tried_once_per_process(monkeypatch, tmp_path) -> None:
+    """The download itself is replaced by one that fails as it does offline (this test must not need a network)."""
+    import tiktoken.load
+    from data_designer.engine.models.clients.parsing import fill_reasoning_token_count_from_content
+    from data_designer.engine.models.clients.types import Usage
+    from data_designer.engine.utils.token_counting import count_text_tokens
+
+    attempts = []
+
+    def offline(blobpath: str) -> bytes:
+        attempts.append(blobpath)
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(dd_hotpath, "tokenizer_error", None)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="cl100k_base unavailable.*ConnectionError"):
+            count_text_tokens("some answer")
+    usage = Usage(input_tokens=5, output_tokens=7)
+    assert fill_reasoning_token_count_from_content(usage, "thinking…") == usage  # per response: skipped, no error
+    assert len(attempts) == 1
