@@ -427,7 +427,8 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 
 # How a server runs, not what it generates: tuning these after a crash (an OOM, a hang) must not cost the
 # finished shards on resume.
-OPERATIONAL_SERVE_KEYS = ("host", "startup_timeout_s", "hang_timeout_s", "threads", "parallel", "max_num_seqs",
+# (Not `parallel`: llama.cpp splits ctx_size across its slots, so it decides where answers are cut off.)
+OPERATIONAL_SERVE_KEYS = ("host", "startup_timeout_s", "hang_timeout_s", "threads", "max_num_seqs",
                           "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size")  # fmt: skip
 
 

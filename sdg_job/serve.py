@@ -58,6 +58,9 @@ def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server
     model = embedded_model_path() if spec.model == "embedded" else Path(spec.model)
     cmd = [binary, "-m", str(model), "--host", spec.host, "--port", str(port), "--alias", spec.served_model_name]
     cmd += ["-np", str(spec.parallel), "-c", str(spec.ctx_size), "--no-webui"]
+    # Its HTTP server gives each open connection a thread, and Data Designer keeps up to 16 idle ones per worker:
+    # with the default (cores - 1) threads, /health, and so the hang watchdog, would queue behind generations.
+    cmd += ["--threads-http", str(max(64, 8 * spec.parallel))]
     if spec.threads:
         cmd += ["-t", str(spec.threads)]
     return cmd + list(spec.extra_args)
@@ -118,7 +121,7 @@ class Server:
     argv: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     restarts: int = 0
-    last_healthy: float = 0.0  # monotonic time of the last /health that answered 200
+    unanswered_since: float | None = None  # monotonic start of the current run of failed /health probes
 
     @property
     def url(self) -> str:
@@ -163,25 +166,28 @@ class Server:
         )
 
     def healthy(self, timeout_s: float = 5) -> bool:
+        started = time.monotonic()
         try:
             ok = httpx.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
         except httpx.HTTPError:
             ok = False
-        if ok:
-            self.last_healthy = time.monotonic()
+        self.unanswered_since = None if ok else (self.unanswered_since or started)
         return ok
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def hung(self) -> bool:
-        """Running, but /health has not answered for `hang_timeout_s` (a deadlocked engine, a stopped process).
-        A busy server still answers within that time, so in-flight work is not thrown away for being slow."""
+        """Running, but its /health probes have failed for `hang_timeout_s` in a row (a deadlocked engine, a
+        stopped process). A busy server still answers within that time, so in-flight work is not thrown away."""
         limit = self.spec.hang_timeout_s
-        return bool(limit) and not self.healthy() and time.monotonic() - self.last_healthy > limit
+        if not limit or self.healthy():
+            return False
+        return self.unanswered_since is not None and time.monotonic() - self.unanswered_since >= limit
 
     def restart(self) -> None:
         self.stop()
+        self.unanswered_since = None
         self.restarts += 1
         self.start()
 

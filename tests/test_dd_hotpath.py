@@ -47,6 +47,7 @@ def test_text_answers_come_back_exactly_as_the_original_parser_returned_them(ans
 
     original = LLMResponseParser(postprocessors=[merge_text_blocks]).parse(answer).response
     assert TextResponseRecipe().parse(answer) == original == answer
+    assert TextResponseRecipe()._parse_fn is str  # and no Markdown parse on the way
 
 
 def test_transports_share_one_verifying_ssl_context(tmp_path) -> None:
@@ -77,8 +78,10 @@ def test_connection_pools_stay_small_at_any_concurrency(in_flight: int, shards: 
 def test_an_offline_tokenizer_download_is_tried_once_per_process(monkeypatch, tmp_path) -> None:
     """The download itself is replaced by one that fails as it does offline (this test must not need a network)."""
     import tiktoken.load
+    import tiktoken.registry
     from data_designer.engine.models.clients.parsing import fill_reasoning_token_count_from_content
     from data_designer.engine.models.clients.types import Usage
+    from data_designer.engine.utils import token_counting
     from data_designer.engine.utils.token_counting import count_text_tokens
 
     attempts = []
@@ -89,6 +92,8 @@ def test_an_offline_tokenizer_download_is_tried_once_per_process(monkeypatch, tm
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # as if never loaded in this process
+    token_counting.get_cl100k_base_tokenizer.__wrapped__.cache_clear()
     monkeypatch.setattr(dd_hotpath, "tokenizer_error", None)
     for _ in range(3):
         with pytest.raises(RuntimeError, match="cl100k_base unavailable.*ConnectionError"):

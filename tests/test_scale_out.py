@@ -86,11 +86,11 @@ def test_shards_run_on_both_nodes_each_against_its_own_server(two_nodes, out_dir
 
 
 def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: str,
-                 sig: signal.Signals = signal.SIGKILL, *extra: str) -> dict:  # fmt: skip
-    """Once the first shard is committed, send `sig` to a process matching `victim_pattern`; the run must still
-    end with exactly 40 unique records. Returns the manifest."""
+                 sig: signal.Signals = signal.SIGKILL, after=committed, *extra: str) -> dict:  # fmt: skip
+    """Once `after(out_dir)` (default: the first shard is committed), send `sig` to a process matching
+    `victim_pattern`; the run must still end with exactly 40 unique records. Returns the manifest."""
     proc = start_cli(out_dir, env, *ARGS, *extra)
-    wait_for(lambda: committed(out_dir), what="the first committed shard")
+    wait_for(lambda: after(out_dir), what=f"{after.__name__} before the fault")
     victim = wait_for(lambda: pids(victim_pattern), timeout=120, what=what)[0]
     os.kill(victim, sig)
     _, stderr = proc.communicate(timeout=600)
@@ -121,9 +121,15 @@ def test_killed_server_is_restarted_and_its_shards_retried(two_nodes, out_dir: P
     assert manifest["server_restarts"] >= 1
 
 
+def answered(out_dir: Path) -> bool:
+    return any("print_timing" in log.read_text(errors="replace") for log in (out_dir / ".tiny.run" / "logs").glob(
+        "server-*.log"))  # fmt: skip
+
+
 def test_hung_server_is_restarted_and_the_run_completes(two_nodes, out_dir: Path) -> None:
-    # SIGSTOP: the process lives on but answers nothing, like a deadlocked engine.
-    manifest = kill_mid_run(two_nodes, out_dir, "llama-server.*smollm2", "a llama-server", signal.SIGSTOP,
+    # SIGSTOP: the process lives on but answers nothing, like a deadlocked engine. Frozen at its first answer,
+    # long before its node's shards are done, so the run cannot end without the watchdog restarting it.
+    manifest = kill_mid_run(two_nodes, out_dir, "llama-server.*smollm2", "a llama-server", signal.SIGSTOP, answered,
                             "serve.hang_timeout_s=10")  # fmt: skip
     assert manifest["server_restarts"] >= 1
 

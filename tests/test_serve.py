@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from sdg_job.config import load_recipe
 from sdg_job.serve import (
@@ -46,6 +47,8 @@ def test_llama_server_command_serves_the_embedded_model_on_loopback() -> None:
     assert embedded_model_path().is_file()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("-np") + 1] == "4" and argv[argv.index("--alias") + 1] == "smollm2-135m"
+    # A thread per open connection: enough for every worker's idle keep-alive connections plus /health.
+    assert int(argv[argv.index("--threads-http") + 1]) >= 64
 
 
 def test_a_stopped_server_is_hung_only_after_its_timeout_and_restarts_on_the_same_port(tmp_path) -> None:
@@ -58,5 +61,7 @@ def test_a_stopped_server_is_hung_only_after_its_timeout_and_restarts_on_the_sam
         assert not server.hung()  # one 5 s health probe unanswered: slow, not yet hung
         assert server.hung()  # a second one: 10 s without an answer
         assert server.alive()
-        server.restart()  # SIGTERM + SIGCONT, so the frozen process does not hold up the restart
+        started = time.monotonic()
+        server.restart()  # SIGTERM + SIGCONT: the frozen process exits at once, no 20 s wait for SIGKILL
+        assert time.monotonic() - started < 15
         assert server.port == port and server.healthy() and not server.hung() and server.restarts == 1
