@@ -23,7 +23,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
-from sdg_job.config import load_recipe, parse_overrides  # noqa: E402
+from sdg_job.cli import recipe_and_overrides  # noqa: E402
+from sdg_job.config import apply_overrides, load_recipe  # noqa: E402
 from sdg_job.errors import RecipeError  # noqa: E402
 
 DEFAULT_PROFILE = REPO / "launch" / "profiles" / "example.yaml"
@@ -80,8 +81,7 @@ def load_profile(path: Path, overrides: list[str]) -> Profile:
         raise RecipeError(str(path), "", "cluster profile not found (--profile or SDG_PROFILE)")
     try:
         cfg = OmegaConf.load(path)
-        for key, value in parse_overrides(overrides, str(path)):
-            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        apply_overrides(cfg, overrides, str(path))
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise RecipeError(str(path), "", str(e).splitlines()[0]) from None
@@ -163,17 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         profile_overrides = [a for a in ns.args if a.split("=", 1)[0].split(".")[0] in EXECUTORS]
-        rest = [a for a in ns.args if a not in profile_overrides]
-        refs = [a.split("=", 1)[1] for a in rest if a.startswith("recipe=")]
-        overrides = [a for a in rest if not a.startswith("recipe=")]
-        if len(refs) != 1:
-            raise RecipeError("command line", "recipe", "give exactly one recipe=NAME or recipe=PATH")
-        recipe = load_recipe(refs[0], overrides)  # reject bad input here, before anything is submitted
+        ref, overrides = recipe_and_overrides([a for a in ns.args if a not in profile_overrides])
+        recipe = load_recipe(ref, overrides)  # reject bad input here, before anything is submitted
         profile = load_profile(ns.profile, profile_overrides)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return launch(ns.executor, profile, job_args(refs[0], overrides), ns.name or f"sdg-{recipe.name}", ns.dryrun)
+    return launch(ns.executor, profile, job_args(ref, overrides), ns.name or f"sdg-{recipe.name}", ns.dryrun)
 
 
 def launch(executor_name: str, profile: Profile, args: list[str], name: str, dryrun: bool) -> int:

@@ -23,13 +23,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
 from sdg_job.serve import Server, simulator_spec
+
+if TYPE_CHECKING:
+    from sdg_job.config import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
@@ -101,7 +104,7 @@ async def fire(url: str, model: str, records: list[tuple[str, str, str]], concur
         return sum(await asyncio.gather(*(record(*r) for r in records)))
 
 
-def recipe_requests(count: int) -> list[tuple[str, str, str]]:
+def recipe_requests(count: int, recipe: Recipe | None = None) -> list[tuple[str, str, str]]:
     """The tiny recipe's two requests per record, rendered as Data Designer renders them (same seeds, samplers)."""
     import random
 
@@ -110,7 +113,7 @@ def recipe_requests(count: int) -> list[tuple[str, str, str]]:
     from sdg_job.config import load_recipe
     from sdg_job.seeds import read_seed_rows
 
-    recipe = load_recipe("tiny")
+    recipe = recipe or load_recipe("tiny")
     rng = random.Random(0)
     rows = read_seed_rows(recipe.seed_dataset.path)  # type: ignore[union-attr]
     ask, answer = recipe.columns["user_message"], recipe.columns["assistant_message"]
@@ -222,59 +225,59 @@ def saturation(slots: int, records: int, plain_records: int, service_s: float, s
     return {"manifest": manifest, "t_start": t_start, "stats": stats, "ratio": rate / capacity}
 
 
-def plain_data_designer(url: str, records: int, max_tokens: int, work: Path) -> float:
-    """What a user of the original step gets: Data Designer's create() with its default concurrency."""
-    code = f"""
-import json, sys
+# Data Designer alone in a fresh process, against a given server: argv url, work dir, released|fixed, records,
+# in flight, warm-up records, max_tokens. Prints the CPU ms per record of the measured generate().
+DATA_DESIGNER_ALONE = """
+import json, sys, time
 from pathlib import Path
 from sdg_job.generate import offline_environment
-offline_environment(Path({str(work)!r}) / "dd_home")
+url, work, variant = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+n, in_flight, warmup, max_tokens = map(int, sys.argv[4:])
+offline_environment(work / "dd_home")
+from sdg_job import dd_hotpath
 from sdg_job.config import load_recipe
 from sdg_job.generate import Endpoint, generate
 from sdg_job.seeds import read_seed_rows
-r = load_recipe("default", ["models.text.inference_parameters.max_tokens={max_tokens}"])
-rows = (read_seed_rows(r.seed_dataset.path) * 100)[:{records}]
-generate(r, Endpoint({url + "/v1"!r}, None, "simulated", 4), {records}, rows, Path({str(work)!r}) / "dd")
+if variant == "fixed":
+    dd_hotpath.apply()
+r = load_recipe("default", [f"models.text.inference_parameters.max_tokens={max_tokens}"])
+rows = (read_seed_rows(r.seed_dataset.path) * 1000)[:n]
+endpoint = Endpoint(url + "/v1", None, "simulated", in_flight)
+if warmup:
+    generate(r, endpoint, warmup, rows[:warmup], work / "warm")
+cpu = time.process_time()
+generate(r, endpoint, n, rows, work / "dd")
+print(json.dumps({"ms_per_record": 1000 * (time.process_time() - cpu) / n}))
 """
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+
+
+def data_designer_alone(url: str, work: Path, variant: str, records: int, in_flight: int, warmup: int,
+                        max_tokens: int) -> float:  # fmt: skip
+    """CPU ms per record of Data Designer's generate() alone, `released` or `fixed` (sdg_job.dd_hotpath)."""
+    argv = [sys.executable, "-c", DATA_DESIGNER_ALONE, url, str(work), variant, *map(str, (records, in_flight,
+            warmup, max_tokens))]  # fmt: skip
+    out = subprocess.run(argv, cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["ms_per_record"]
+
+
+def plain_data_designer(url: str, records: int, max_tokens: int, work: Path) -> float:
+    """What a user of the original step gets: Data Designer's create() with its default concurrency."""
+    data_designer_alone(url, work, "released", records, 4, 0, max_tokens)
     return server_rate(httpx.get(url + "/stats").json())
 
 
 def engine_cost(records: int, in_flight: int, rows: list[Row], tmp: Path) -> float:
     """Data Designer alone, as released and with sdg_job.dd_hotpath: CPU per record of one generate() after a
     warm-up (imports and clients excluded), each in a fresh process. Returns fixed ÷ as released."""
-    code = """
-import json, sys, time
-from pathlib import Path
-from sdg_job.generate import offline_environment
-work = Path(sys.argv[2])
-offline_environment(work / "dd_home")
-from sdg_job import dd_hotpath
-from sdg_job.config import load_recipe
-from sdg_job.generate import Endpoint, generate
-from sdg_job.seeds import read_seed_rows
-if sys.argv[3] == "fixed":
-    dd_hotpath.apply()
-r = load_recipe("default", ["models.text.inference_parameters.max_tokens=32"])
-n = int(sys.argv[4])
-rows = (read_seed_rows(r.seed_dataset.path) * 1000)[:n]
-endpoint = Endpoint(sys.argv[1] + "/v1", None, "simulated", int(sys.argv[5]))
-generate(r, endpoint, 20, rows[:20], work / "warm")
-cpu = time.process_time()
-generate(r, endpoint, n, rows, work / "dd")
-print(json.dumps({"ms_per_record": 1000 * (time.process_time() - cpu) / n}))
-"""
     cost: dict[str, float] = {}
     with simulator(in_flight, 0.002, tmp / f"engine{in_flight}.log") as url:
-        for variant in ("as released", "fixed"):
+        for variant in ("released", "fixed"):
             work = tmp / f"engine-{in_flight}-{variant}"
-            out = subprocess.run([sys.executable, "-c", code, url, str(work), variant.split()[0], str(records),
-                                  str(in_flight)], cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
-            cost[variant] = json.loads(out.stdout.strip().splitlines()[-1])["ms_per_record"]
+            cost[variant] = data_designer_alone(url, work, variant, records, in_flight, 20, 32)
     setting = f"Data Designer generate() alone, {records} records, {in_flight} in flight"
-    rows.append(Row("client cost", f"{setting}, as released", cost["as released"], "ms/record", 1.0))
+    rows.append(Row("client cost", f"{setting}, as released", cost["released"], "ms/record", 1.0))
     note = "template cache, text pass-through, shared SSL context, small pools"
-    ratio = cost["fixed"] / cost["as released"]
+    ratio = cost["fixed"] / cost["released"]
     rows.append(Row("client cost", f"{setting}, with sdg_job.dd_hotpath", cost["fixed"], "ms/record", ratio, note))
     return ratio
 
@@ -284,12 +287,12 @@ def real_server(records: int, repeats: int, rows: list[Row], tmp: Path) -> float
     work, both measured at the server (its token counter), same concurrency, alternating runs."""
     from sdg_job.config import load_recipe
 
-    spec = load_recipe("tiny").serve
-    assert spec is not None
-    spec = spec.model_copy(update={"extra_args": ["--metrics"]})
+    tiny = load_recipe("tiny")
+    assert tiny.serve is not None
+    spec = tiny.serve.model_copy(update={"extra_args": ["--metrics"]})
     max_tokens, concurrency = 64, spec.parallel
-    work = recipe_requests(records)
-    params = load_recipe("tiny").models["text"].inference_parameters
+    work = recipe_requests(records, tiny)
+    params = tiny.models["text"].inference_parameters
     sampling = {"temperature": params.temperature, "top_p": params.top_p}
     client_tps, job_tps = [], []
     with Server(spec, tmp / "llama.log") as server:
@@ -367,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = manifest["client_cpu"]
                 summary["client ms/record"] = max(summary.get("client ms/record", 0.0), cpu["steady_ms_per_record"])
                 if "start-up s" not in summary:
-                    first = next(s["first_request_at"] for s in simulator_logs(tmp / f"sat{slots}")
-                                 if "first_request_at" in s)  # fmt: skip
+                    first = result["stats"]["first_request_at"]
                     timings = manifest["timings_s"]
                     summary["start-up s"] = first - result["t_start"]
                     rows.append(Row("start-up", "command → first request at the server", first - result["t_start"],

@@ -35,7 +35,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _recipe_and_overrides(args: list[str]) -> tuple[str, list[str]]:
+def recipe_and_overrides(args: list[str]) -> tuple[str, list[str]]:
     recipes = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
     overrides = [a for a in args if not a.startswith("recipe=")]
     if len(recipes) != 1 or not recipes[0]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     _load_secrets_file()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
-        ref, overrides = _recipe_and_overrides(ns.args)
+        ref, overrides = recipe_and_overrides(ns.args)
         recipe = load_recipe(ref, overrides, check=False)
         source = str(resolve_recipe_path(ref))
         # Before anything imports Data Designer. A preview writes nothing next to the output.

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -24,7 +23,7 @@ from sdg_job.config import Recipe, ServeSpec
 from sdg_job.errors import JobError
 from sdg_job.generate import Endpoint
 from sdg_job.plan import Shard
-from sdg_job.serve import API_KEY_ENV, Server, describe
+from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe
 
 NODE_RESOURCE = "sdg_node"
 log = logging.getLogger("sdg_job")
@@ -91,13 +90,6 @@ class NodeServer:
         self.server.stop()
 
 
-def healthy(endpoint_url: str) -> bool:
-    try:
-        return httpx.get(endpoint_url.removesuffix("/v1") + "/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @ray.remote(num_cpus=1, max_retries=0)
 def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: Endpoint, api_key: str | None,
                run_dir: str, attempt: int) -> dict:  # fmt: skip
@@ -106,7 +98,7 @@ def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: En
 
     if api_key:
         os.environ[API_KEY_ENV] = api_key
-    check = (lambda: healthy(endpoint.url)) if endpoint.served_model else None
+    check = (lambda: answers_health(endpoint.url.removesuffix("/v1"))) if endpoint.served_model else None
     node_id = ray.get_runtime_context().get_node_id()
     store = RunStore(Path(run_dir))
     # Data Designer's log for this shard goes to the run dir, not to the driver's terminal.

@@ -329,16 +329,21 @@ def parse_overrides(overrides: list[str], source: str) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Recipe:  # type: ignore[assignment]
-    """The one entry point: file + overrides → validated, cross-checked Recipe."""
-    path = resolve_recipe_path(ref)
-    source = str(path)
-    cfg = _load_yaml(path)
+def apply_overrides(cfg, overrides, source: str) -> None:
+    """key=value pairs onto an OmegaConf tree, in place; a bad one names the file it was meant for and its key."""
     for key, value in parse_overrides(list(overrides), source):
         try:
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         except OmegaConfBaseException as e:
             raise RecipeError(source, key, f"cannot apply override: {e}") from None
+
+
+def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Recipe:  # type: ignore[assignment]
+    """The one entry point: file + overrides → validated, cross-checked Recipe."""
+    path = resolve_recipe_path(ref)
+    source = str(path)
+    cfg = _load_yaml(path)
+    apply_overrides(cfg, overrides, source)
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:

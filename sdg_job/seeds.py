@@ -15,6 +15,7 @@ def read_seed_rows(path: Path, required_fields: Collection[str] = ()) -> list[di
     if not path.is_file():
         raise RecipeError(str(path), "", "seed file not found (seed_dataset.path)")
     rows: list[dict] = []
+    required = set(required_fields)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -25,7 +26,7 @@ def read_seed_rows(path: Path, required_fields: Collection[str] = ()) -> list[di
                 raise RecipeError(str(path), f"line {lineno}", f"not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise RecipeError(str(path), f"line {lineno}", "each line must be a JSON object")
-            missing = set(required_fields) - row.keys()
+            missing = required - row.keys()
             if missing:
                 raise RecipeError(str(path), f"line {lineno}", f"missing seed field(s) {sorted(missing)}")
             rows.append(row)

@@ -110,6 +110,14 @@ def _die_with_parent() -> None:
         pass
 
 
+def answers_health(base_url: str, timeout_s: float = 5) -> bool:
+    """Does the server at `base_url` (no /v1) answer GET /health with 200 within `timeout_s`?"""
+    try:
+        return httpx.get(f"{base_url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @dataclass
 class Server:
     """A running server process; `endpoint` is what Data Designer talks to."""
@@ -167,10 +175,7 @@ class Server:
 
     def healthy(self, timeout_s: float = 5) -> bool:
         started = time.monotonic()
-        try:
-            ok = httpx.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
-        except httpx.HTTPError:
-            ok = False
+        ok = answers_health(self.url, timeout_s)
         self.unanswered_since = None if ok else (self.unanswered_since or started)
         return ok
 
@@ -187,7 +192,6 @@ class Server:
 
     def restart(self) -> None:
         self.stop()
-        self.unanswered_since = None
         self.restarts += 1
         self.start()
 

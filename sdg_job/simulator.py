@@ -68,7 +68,6 @@ class Simulator:
         self.stats["requests"] += 1
         if self.stats["first_request_at"] is None:
             self.stats["first_request_at"] = time.time()
-            print(json.dumps({"first_request_at": self.stats["first_request_at"]}), flush=True)
         if self.die_after is not None and n > self.die_after:
             os._exit(17)  # a server that dies mid-run
         body = await request.json()
