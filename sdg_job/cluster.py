@@ -86,8 +86,9 @@ class NodeServer:
             self.server.restart()
         return self.server.restarts
 
-    def stop(self) -> None:
+    def stop(self) -> dict:
         self.server.stop()
+        return self.info()
 
 
 @ray.remote(num_cpus=1, max_retries=0)
@@ -181,7 +182,13 @@ def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, pa
     return nodes
 
 
-def stop_node_servers(nodes: list[Node]) -> None:
-    actors = [n.actor for n in nodes if n.actor is not None]
-    if actors:
-        ray.get([a.stop.remote() for a in actors], timeout=60)
+def stop_node_servers(nodes: list[Node]) -> list[dict]:
+    """Stop every node's server; returns what the manifest records of each. The actor's own count of restarts
+    is the final one: a watchdog check still pending when the job ended may have restarted a server."""
+    stopping = [(n, n.actor.stop.remote()) for n in nodes if n.actor is not None]
+    for node, ref in stopping:
+        try:
+            node.info = ray.get(ref, timeout=60)
+        except Exception as e:  # a lost node: keep what the driver last heard from it
+            log.warning("could not stop the server on node %s: %s", node.node_id, e)
+    return [n.info for n in nodes if n.info]

@@ -333,9 +333,7 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
             f"{recipe.output_path}.partial; raise generation.budget or fix the recipe, then re-run to continue."
         )
     finally:
-        server_info = [n.info for n in nodes if n.info]
-        with contextlib.suppress(Exception):
-            cluster.stop_node_servers(nodes)
+        server_info = cluster.stop_node_servers(nodes)
         import ray
 
         ray.shutdown()
