@@ -21,7 +21,7 @@ from typing import Any
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
 from sdg_job.errors import JobError, RecipeError, ServerUnavailable
 from sdg_job.generate import Endpoint, generate, load_engine
-from sdg_job.plan import Shard, make_shard, plan_shards, top_up_size
+from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
 from sdg_job.project import project_rows
 from sdg_job.seeds import file_sha256, read_seed_rows
@@ -132,19 +132,15 @@ class Job:
         self.shards = plan_shards(
             recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed
         )
-        # A previous run may have topped up: its extra shards belong to this plan too.
-        while (extra := self.store.summary(self._id(len(self.shards)))) is not None:
-            self.shards.append(self._shard(len(self.shards), extra["requested"]))
-        self.summaries: dict[str, dict] = {}
-        for s in self.shards:
-            if (summary := self.store.summary(s.id)) is not None:
-                self.summaries[s.id] = summary
+        self.summaries = self.store.summaries()
+        # A previous run may have topped up: its committed extra shards belong to this plan too. Top-ups run in
+        # parallel, so one in flight when the driver died leaves a gap in the ids; new top-ups number after the last.
+        planned = {s.id for s in self.shards}
+        for shard_id, summary in self.summaries.items():
+            if shard_id not in planned:
+                self.shards.append(self._shard(shard_index(shard_id), summary["requested"]))
         self.skipped = len(self.summaries)
         self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
-
-    @staticmethod
-    def _id(index: int) -> str:
-        return f"shard-{index:05d}"
 
     def _shard(self, index: int, size: int) -> Shard:
         gen = self.recipe.generation
@@ -154,8 +150,7 @@ class Job:
         return sum(x["requested"] for x in self.summaries.values())
 
     def top_up(self, parallel: int) -> list[Shard]:
-        """Shards that cover the gap to num_records at the yield seen so far, split over up to `parallel` workers
-        so a top-up does not leave the other nodes idle. Empty when exactly num_records are committed."""
+        """Shards that cover the gap to num_records (plan.top_up_sizes); empty when num_records are committed."""
         n, gen = self.recipe.num_records, self.recipe.generation
         records, dupes = unique_records(self.store, [s.id for s in self.shards], limit=n)
         if len(records) >= n:
@@ -165,12 +160,12 @@ class Job:
         if requested >= budget:
             raise BudgetExhausted(len(records), requested)
         valid = sum(x["valid"] for x in self.summaries.values()) - dupes
-        total = min(top_up_size(n - len(records), valid, requested, gen.shard_size * parallel), budget - requested)
-        pieces = max(1, min(parallel, total))
-        sizes = [total // pieces + (i < total % pieces) for i in range(pieces)]
-        added = [self._shard(len(self.shards) + i, size) for i, size in enumerate(sizes)]
+        sizes = top_up_sizes(n - len(records), valid, requested, gen.shard_size, parallel, budget - requested)
+        first = self.shards[-1].index + 1
+        added = [self._shard(first + i, size) for i, size in enumerate(sizes)]
         self.shards += added
-        log.info("topping up: %d of %d valid, adding %d shard(s) with %d records", len(records), n, len(added), total)
+        log.info("topping up: %d of %d valid, adding %d shard(s) with %d records", len(records), n, len(added),
+                 sum(sizes))  # fmt: skip
         return added
 
     def run(self, nodes: list, progress: JobProgress) -> None:

@@ -23,7 +23,15 @@ class Shard:
 
     @property
     def id(self) -> str:
-        return f"shard-{self.index:05d}"
+        return shard_id(self.index)
+
+
+def shard_id(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def shard_index(shard_id: str) -> int:
+    return int(shard_id.removeprefix("shard-"))
 
 
 def _seed_for(base: int, *parts: object) -> int:
@@ -64,7 +72,12 @@ def plan_shards(
     ]
 
 
-def top_up_size(missing: int, valid: int, requested: int, shard_size: int) -> int:
-    """Size of the next top-up shard: enough to cover `missing` at the yield seen so far, at most a full shard."""
+def top_up_sizes(
+    missing: int, valid: int, requested: int, shard_size: int, workers: int, budget_left: int
+) -> list[int]:
+    """Sizes of the next top-up shards: enough records to cover `missing` at the yield seen so far, at most a full
+    shard per worker and within the budget, split evenly over up to `workers` so no node idles during a top-up."""
     yield_so_far = valid / requested if requested else 1.0
-    return max(1, min(shard_size, math.ceil(missing / max(yield_so_far, 0.2))))
+    total = max(1, min(shard_size * workers, budget_left, math.ceil(missing / max(yield_so_far, 0.2))))
+    pieces = min(workers, total)
+    return [total // pieces + (i < total % pieces) for i in range(pieces)]

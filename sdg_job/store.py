@@ -70,10 +70,9 @@ class RunStore:
         atomic_write(self.records_path(shard_id), jsonl(records))
         atomic_write(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n")
 
-    def summary(self, shard_id: str) -> dict[str, Any] | None:
-        """The committed summary, or None when the shard is absent (incomplete shards never have one)."""
-        path = self.summary_path(shard_id)
-        return json.loads(path.read_text()) if path.exists() else None
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """Every committed shard's summary by shard id, in id order (an incomplete shard has none)."""
+        return {path.stem: json.loads(path.read_text()) for path in sorted(self.shards_dir.glob("shard-*.json"))}
 
     def records(self, shard_id: str) -> list[dict]:
         with self.records_path(shard_id).open(encoding="utf-8") as f:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sdg_job.plan import plan_shards, top_up_size
+from pathlib import Path
+
+import pytest
+
+from sdg_job.config import load_recipe
+from sdg_job.job import Job
+from sdg_job.plan import plan_shards, shard_index, top_up_sizes
 
 
 def test_shard_sizes_cover_exactly_num_records() -> None:
@@ -33,6 +39,41 @@ def test_shuffle_uses_every_row_once_before_repeating() -> None:
 
 
 def test_top_up_covers_the_gap_at_the_observed_yield() -> None:
-    assert top_up_size(missing=5, valid=50, requested=100, shard_size=100) == 10
-    assert top_up_size(missing=5, valid=0, requested=100, shard_size=100) == 25
-    assert top_up_size(missing=500, valid=90, requested=100, shard_size=100) == 100
+    def sizes(missing: int, valid: int, workers: int = 1, budget_left: int = 10_000) -> list[int]:
+        return top_up_sizes(missing, valid, requested=100, shard_size=100, workers=workers, budget_left=budget_left)
+
+    assert sizes(5, valid=50) == [10]  # half the rows were valid: ask for twice the gap
+    assert sizes(5, valid=0) == [25]  # nothing valid yet: assume a 20% yield, not an endless loop
+    assert sizes(500, valid=90) == [100]  # at most a full shard per worker
+    assert sizes(500, valid=90, workers=3) == [100, 100, 100]
+    assert sizes(7, valid=100, workers=3) == [3, 2, 2]  # split so no node idles during a top-up
+    assert sizes(2, valid=100, workers=3) == [1, 1]
+    assert sizes(500, valid=90, workers=3, budget_left=31) == [11, 10, 10]  # never past the budget
+
+
+@pytest.fixture
+def tiny_job_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("SDG_OUTPUT_DIR", str(tmp_path))
+    return lambda: Job(load_recipe("tiny", ["num_records=20", "generation.shard_size=5"]), "tiny", fresh=False)
+
+
+def commit(job: Job, index: int, records: int, requested: int) -> None:
+    rows = [{"messages": [{"role": "user", "content": f"{index}-{i}"}]} for i in range(records)]
+    job.store.commit(f"shard-{index:05d}", rows, {"requested": requested, "valid": records, "dropped": {}})
+
+
+def test_resume_adopts_every_committed_top_up_even_after_a_gap(tiny_job_dir) -> None:
+    """Top-ups run in parallel: the driver can die after top-up 5 commits but before 4 does. On resume, 5 is part
+    of the plan (not regenerated under its id), the gap stays unused, and new top-ups are numbered after 5."""
+    job = tiny_job_dir()
+    for index in range(4):  # the planned shards: 4 × 5 records, one invalid record each
+        commit(job, index, records=4, requested=5)
+    commit(job, 5, records=3, requested=3)  # top-up 4 (in flight) never committed
+
+    resumed = tiny_job_dir()
+    assert [s.id for s in resumed.shards] == [f"shard-0000{i}" for i in (0, 1, 2, 3, 5)]
+    assert resumed.skipped == 5 and resumed.attempted() == 23
+    added = resumed.top_up(parallel=2)
+    assert [shard_index(s.id) for s in added] == [6, 7]  # shard-00005 is kept, not overwritten
+    assert [s.size for s in added] == [1, 1]  # 1 record missing at a 19/23 yield: 2 records, one per worker
+    assert resumed.merge(partial=True) == 19
