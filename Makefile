@@ -24,8 +24,6 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/hadolint Dockerfile
-	bash -n slurm/sdg-job.sbatch
 
 test: lint
 	$(BIN)/pytest -q

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))  # a plain checkout works too
 
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator  # noqa: E402
 
 from sdg_job.cli import recipe_and_overrides  # noqa: E402
 from sdg_job.config import apply_overrides, load_recipe  # noqa: E402
@@ -56,6 +56,12 @@ class SlurmProfile(Strict):
     ssh: SSH | None = None
     secrets: list[str] = []
 
+    @model_validator(mode="after")
+    def _ssh_settings_for_an_ssh_tunnel(self) -> SlurmProfile:
+        if self.tunnel == "ssh" and self.ssh is None:
+            raise ValueError("tunnel: ssh needs slurm.ssh.host and slurm.ssh.user")
+        return self
+
 
 class DockerProfile(Strict):
     container_image: str
@@ -76,7 +82,8 @@ class Profile(Strict):
     local: LocalProfile = LocalProfile()
 
 
-def load_profile(path: Path, overrides: list[str]) -> Profile:
+def load_profile(path: Path, overrides: list[str], executor: str) -> Profile:
+    """The cluster profile, with `slurm.…`-style overrides, checked to have the chosen executor's section."""
     if not path.is_file():
         raise RecipeError(str(path), "", "cluster profile not found (--profile or SDG_PROFILE)")
     try:
@@ -86,10 +93,13 @@ def load_profile(path: Path, overrides: list[str]) -> Profile:
     except OmegaConfBaseException as e:
         raise RecipeError(str(path), "", str(e).splitlines()[0]) from None
     try:
-        return Profile.model_validate(data)
+        profile = Profile.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         raise RecipeError(str(path), ".".join(map(str, err["loc"])), err["msg"]) from None
+    if getattr(profile, executor) is None:
+        raise RecipeError(str(path), executor, f"the profile has no {executor} section")
+    return profile
 
 
 def job_args(recipe_ref: str, overrides: list[str]) -> list[str]:
@@ -100,9 +110,7 @@ def slurm_executor(p: SlurmProfile):
     import nemo_run as run
 
     experiments = os.path.join(p.job_dir, "experiments")
-    if p.tunnel == "ssh":
-        if p.ssh is None:
-            raise RecipeError("profile", "slurm.ssh", "tunnel: ssh needs slurm.ssh.host and slurm.ssh.user")
+    if p.ssh is not None and p.tunnel == "ssh":
         tunnel = run.SSHTunnel(host=p.ssh.host, user=p.ssh.user, job_dir=p.job_dir, identity=p.ssh.identity,
                                pre_command=p.ssh.pre_command)  # fmt: skip
     else:
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_overrides = [a for a in ns.args if a.split("=", 1)[0].split(".")[0] in EXECUTORS]
         ref, overrides = recipe_and_overrides([a for a in ns.args if a not in profile_overrides])
         recipe = load_recipe(ref, overrides)  # reject bad input here, before anything is submitted
-        profile = load_profile(ns.profile, profile_overrides)
+        profile = load_profile(ns.profile, profile_overrides, ns.executor)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -175,25 +183,18 @@ def main(argv: list[str] | None = None) -> int:
 def launch(executor_name: str, profile: Profile, args: list[str], name: str, dryrun: bool) -> int:
     import nemo_run as run
 
-    if executor_name == "slurm":
-        if profile.slurm is None:
-            print("error: the profile has no slurm section", file=sys.stderr)
-            return 2
+    python, metadata = sys.executable, {}
+    if executor_name == "slurm" and profile.slurm:
         # NeMo-Run writes experiments to <base_dir>/experiments, where the LocalTunnel's job_dir points.
         executor, base_dir = slurm_executor(profile.slurm), profile.slurm.job_dir
         # The command lands in a shell line of the sbatch script: quote each argument.
-        task = run.Script(path="sdg_job", args=[shlex.quote(a) for a in args], entrypoint="python", m=True,
-                          metadata={"use_with_ray_cluster": True})  # fmt: skip
-    elif executor_name == "docker":
-        if profile.docker is None:
-            print("error: the profile has no docker section", file=sys.stderr)
-            return 2
+        args, python, metadata = [shlex.quote(a) for a in args], "python", {"use_with_ray_cluster": True}
+    elif executor_name == "docker" and profile.docker:
         executor, base_dir = docker_executor(profile.docker), str(Path(profile.docker.job_dir).resolve())
-        task = run.Script(path="sdg_job", args=args, entrypoint="python3", m=True)
+        python = "python3"
     else:
-        executor = run.LocalExecutor()
-        base_dir = str(Path(profile.local.job_dir).resolve())
-        task = run.Script(path="sdg_job", args=args, entrypoint=sys.executable, m=True)
+        executor, base_dir = run.LocalExecutor(), str(Path(profile.local.job_dir).resolve())
+    task = run.Script(path="sdg_job", args=args, entrypoint=python, m=True, metadata=metadata)
 
     with run.Experiment(name, executor=executor, base_dir=base_dir, log_level="WARN") as exp:
         if executor_name == "local":  # the job dir on this machine; NeMo-Run does not set NEMO_RUN_DIR itself

@@ -110,6 +110,9 @@ def test_profile_keys_can_be_overridden_on_the_command_line(tmp_path: Path) -> N
     assert "#SBATCH --nodes=4" in result.stdout and "#SBATCH --partition=interactive" in result.stdout
     bad = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.gpus=3")
     assert bad.returncode == 2 and "slurm.gpus" in bad.stderr
+    no_ssh = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.tunnel=ssh")
+    assert no_ssh.returncode == 2 and "tunnel: ssh needs slurm.ssh.host" in no_ssh.stderr, no_ssh.stderr
+    assert "Traceback" not in no_ssh.stderr
 
 
 def test_docker_dryrun_shows_image_gpus_mounts_env_names_and_command(tmp_path: Path) -> None:
