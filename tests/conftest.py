@@ -20,17 +20,21 @@ def out_dir(tmp_path: Path) -> Path:
     return d
 
 
-def run_cli(*args: str, out_dir: Path, env: dict[str, str] | None = None, timeout: float = 900):
-    """`python -m sdg_job …` with SDG_OUTPUT_DIR pointing at `out_dir`."""
+def _cli(args: tuple[str, ...], out_dir: Path, env: dict[str, str] | None) -> tuple[list[str], dict]:
     full_env = {**os.environ, "SDG_OUTPUT_DIR": str(out_dir), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "sdg_job", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return [sys.executable, "-m", "sdg_job", *args], {"cwd": REPO, "env": full_env, "text": True}
+
+
+def run_cli(*args: str, out_dir: Path, env: dict[str, str] | None = None, timeout: float = 900):
+    """`python -m sdg_job …` with SDG_OUTPUT_DIR pointing at `out_dir`, to completion."""
+    argv, options = _cli(args, out_dir, env)
+    return subprocess.run(argv, capture_output=True, timeout=timeout, **options)
+
+
+def start_cli(*args: str, out_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The same, in the background (to kill something mid-run)."""
+    argv, options = _cli(args, out_dir, env)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdg_job.serve import Server, simulator_spec
-from tests.conftest import REPO, read_jsonl
+from tests.conftest import REPO, all_files, read_jsonl
 
 SECRET = "nvapi-SENTINEL-launch-0123456789"
 HF_SECRET = "hf_SENTINEL_launch_abcdefghij"
@@ -53,15 +53,14 @@ def launch(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.Compl
 def everything_written(root: Path) -> str:
     """All text under root, with NeMo-Run's zlib+base64 blobs (_CONFIG, _TASKS) decoded too."""
     chunks = []
-    for path in root.rglob("*"):
-        if path.is_file():
-            text = path.read_text(errors="replace")
-            chunks.append(text)
-            for blob in re.findall(r"eJ[A-Za-z0-9_\-]+=*", text):
-                try:
-                    chunks.append(zlib.decompress(base64.urlsafe_b64decode(blob)).decode(errors="replace"))
-                except (ValueError, zlib.error):
-                    pass
+    for path in all_files(root):
+        text = path.read_text(errors="replace")
+        chunks.append(text)
+        for blob in re.findall(r"eJ[A-Za-z0-9_\-]+=*", text):
+            try:
+                chunks.append(zlib.decompress(base64.urlsafe_b64decode(blob)).decode(errors="replace"))
+            except (ValueError, zlib.error):
+                pass
     return "\n".join(chunks)
 
 

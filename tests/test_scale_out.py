@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from sdg_job.serve import Server, simulator_spec
-from tests.conftest import REPO, read_jsonl, run_cli
+from tests.conftest import read_jsonl, run_cli, start_cli
 
 pytestmark = pytest.mark.e2e
 # Two servers share this machine's cores: one thread each, or llama.cpp's spinning threads starve each other.
@@ -33,13 +32,6 @@ def two_nodes():
     cluster.wait_for_nodes()
     yield {"RAY_ADDRESS": cluster.address}
     cluster.shutdown()
-
-
-def start_cli(out_dir: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sdg_job", *args], cwd=REPO, env={**os.environ, "SDG_OUTPUT_DIR": str(out_dir), **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 def wait_for(predicate, timeout: float = 300, what: str = "condition"):
@@ -89,7 +81,7 @@ def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: 
                  sig: signal.Signals = signal.SIGKILL, after=committed, *extra: str) -> dict:  # fmt: skip
     """Once `after(out_dir)` (default: the first shard is committed), send `sig` to a process matching
     `victim_pattern`; the run must still end with exactly 40 unique records. Returns the manifest."""
-    proc = start_cli(out_dir, env, *ARGS, *extra)
+    proc = start_cli(*ARGS, *extra, out_dir=out_dir, env=env)
     wait_for(lambda: after(out_dir), what=f"{after.__name__} before the fault")
     victim = wait_for(lambda: pids(victim_pattern), timeout=120, what=what)[0]
     os.kill(victim, sig)
@@ -104,7 +96,7 @@ def test_killed_worker_is_retried_without_loss_or_duplicates(two_nodes, out_dir:
 
 
 def test_killed_driver_resumes_and_skips_finished_shards(two_nodes, out_dir: Path) -> None:
-    proc = start_cli(out_dir, two_nodes, *ARGS)
+    proc = start_cli(*ARGS, out_dir=out_dir, env=two_nodes)
     wait_for(lambda: committed(out_dir), what="the first committed shard")
     proc.kill()
     proc.communicate(timeout=60)
