@@ -128,6 +128,10 @@ class Node:
     inflight: int = 0
     health_ref: Any = None
     last_check: float = 0.0
+    lost: str | None = None  # why the node is out of service: it died, or its server would not restart
+
+    def accepts(self) -> bool:
+        return self.lost is None and self.inflight < self.slots
 
     def submit(self, recipe: Recipe, shard: Shard, seed_rows: list[dict], run_dir: Path, attempt: int):
         self.inflight += 1
@@ -142,22 +146,44 @@ class Node:
             recipe, shard, seed_rows, self.endpoint, self.api_key, str(run_dir), attempt
         )
 
-    def recover(self) -> None:
-        """After a failed shard: make sure this node's server is up again."""
-        if self.actor is not None:
-            self.info["restarts"] = ray.get(self.actor.ensure_alive.remote())
+    def recover(self, error: Exception) -> None:
+        """After a failed shard: a node that died is taken out of service (the job goes on with the others, which
+        retry its shards); otherwise make sure its server is up again. Only a node with its own server can be
+        lost: shards for a remote provider run anywhere, and Ray places a retry on a live node."""
+        if self.actor is None or self.lost is not None:
+            return
+        if isinstance(error, ray.exceptions.NodeDiedError | ray.exceptions.TaskUnschedulableError):
+            self._out_of_service(error)
+        else:
+            self._collect(self.actor.ensure_alive.remote())
+
+    def _collect(self, health_ref: Any) -> None:
+        """The result of an ensure_alive call. If the actor died or could not restart the server, the node is out
+        of service. An actor that is only unreachable for now is asked again at the next check."""
+        try:
+            self.info["restarts"] = ray.get(health_ref)
+        except ray.exceptions.ActorUnavailableError:
+            pass
+        except ray.exceptions.RayError as e:
+            self._out_of_service(e.cause if isinstance(e, ray.exceptions.RayTaskError) else e)
+
+    def _out_of_service(self, cause: BaseException) -> None:
+        self.lost = self.info["lost"] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+        log.warning("node %s is out of service: %s", self.node_id, self.lost)
 
     def watch(self, interval: float = 5.0) -> None:
         """Non-blocking watchdog: every `interval` s, ask the node's actor to restart a dead or hung server. It
         comes back on the same port, so the shard in flight carries on: Data Designer defers requests that hit a
         closed port and retries them, and the shard commits only if the server is healthy at its end."""
-        if self.actor is None:
+        if self.actor is None or self.lost is not None:
             return
         if self.health_ref is not None:
             if not ray.wait([self.health_ref], timeout=0)[0]:
                 return
-            self.info["restarts"] = ray.get(self.health_ref)
-            self.health_ref = None
+            ref, self.health_ref = self.health_ref, None
+            self._collect(ref)
+            if self.lost is not None:
+                return
         if time.monotonic() - self.last_check >= interval:
             self.last_check = time.monotonic()
             self.health_ref = self.actor.ensure_alive.remote()
@@ -188,7 +214,7 @@ def stop_node_servers(nodes: list[Node]) -> list[dict]:
     stopping = [(n, n.actor.stop.remote()) for n in nodes if n.actor is not None]
     for node, ref in stopping:
         try:
-            node.info = ray.get(ref, timeout=60)
+            node.info |= ray.get(ref, timeout=60)
         except Exception as e:  # a lost node: keep what the driver last heard from it
             log.warning("could not stop the server on node %s: %s", node.node_id, e)
     return [n.info for n in nodes if n.info]

@@ -179,12 +179,12 @@ class Job:
         progress.update(self)
         while True:
             for node in nodes:
-                while todo and node.inflight < node.slots:
+                while todo and node.accepts():
                     shard = todo.popleft()
                     ref = node.submit(self.recipe, shard, self.seed_rows, self.store.run_dir, attempts.get(shard.id, 0))
                     inflight[ref] = (shard, node)
             if not inflight:
-                added = self.top_up(sum(node.slots for node in nodes))
+                added = self.top_up(sum(node.slots for node in nodes if node.lost is None))
                 if not added:
                     return
                 todo.extend(added)
@@ -205,8 +205,10 @@ class Job:
                     log.warning("%s failed (%s); retry %d of %d", shard.id, reason, attempts[shard.id], max_retries)
                     if attempts[shard.id] > max_retries:
                         raise JobError(f"{shard.id} failed {attempts[shard.id]} times; last error: {e}") from None
-                    node.recover()
+                    node.recover(e)
                     todo.appendleft(shard)
+            if all(node.lost for node in nodes):
+                raise JobError("every node is out of service: " + "; ".join(str(node.lost) for node in nodes))
             progress.update(self)
 
     def manifest(

@@ -128,6 +128,28 @@ def test_hung_server_is_restarted_and_the_run_completes(two_nodes, out_dir: Path
     assert manifest["server_restarts"] >= 1
 
 
+def test_lost_node_is_taken_out_of_service_and_the_job_finishes_on_the_other(out_dir: Path) -> None:
+    """A whole node dies mid-run (raylet, workers, server: SIGKILL), as when a GPU node fails. Its own cluster,
+    so the other tests keep two nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"sdg_node": 1}})
+    doomed = cluster.add_node(num_cpus=1, resources={"sdg_node": 1})
+    cluster.wait_for_nodes()
+    try:
+        proc = start_cli(*ARGS, out_dir=out_dir, env={"RAY_ADDRESS": cluster.address, "SDG_EXPECTED_NODES": "2"})
+        wait_for(lambda: answered(out_dir), what="the first answer")  # every shard in flight, none committed
+        cluster.remove_node(doomed, allow_graceful=False)
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        manifest = assert_exactly_40_unique(out_dir)
+    finally:
+        cluster.shutdown()
+    assert {s["node_id"] for s in manifest["servers"] if s.get("lost")} == {doomed.node_id}
+    assert manifest["retries"] >= 1
+    assert doomed.node_id not in {s["node_id"] for s in manifest["shards"]}  # its shards were retried elsewhere
+
+
 def test_http_errors_are_counted_and_topped_up(out_dir: Path, tmp_path: Path) -> None:
     """SIMULATED server (sdg_job.simulator) failing 10% of requests each with HTTP 500, 429 and 400."""
     faults = ["--fail-500", "0.1", "--fail-429", "0.1", "--fail-400", "0.1"]
