@@ -161,7 +161,7 @@ class Job:
             raise BudgetExhausted(len(records), requested)
         valid = sum(x["valid"] for x in self.summaries.values()) - dupes
         sizes = top_up_sizes(n - len(records), valid, requested, gen.shard_size, parallel, budget - requested)
-        first = self.shards[-1].index + 1
+        first = max(s.index for s in self.shards) + 1
         added = [self._shard(first + i, size) for i, size in enumerate(sizes)]
         self.shards += added
         log.info("topping up: %d of %d valid, adding %d shard(s) with %d records", len(records), n, len(added),
