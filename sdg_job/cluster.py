@@ -129,9 +129,10 @@ class Node:
     health_ref: Any = None
     last_check: float = 0.0
     lost: str | None = None  # why the node is out of service: it died, or its server would not restart
+    recovering: bool = False  # a failed shard asked for a server check that is not back yet
 
     def accepts(self) -> bool:
-        return self.lost is None and self.inflight < self.slots
+        return self.lost is None and not self.recovering and self.inflight < self.slots
 
     def submit(self, recipe: Recipe, shard: Shard, seed_rows: list[dict], run_dir: Path, attempt: int):
         self.inflight += 1
@@ -148,22 +149,26 @@ class Node:
 
     def recover(self, error: Exception) -> None:
         """After a failed shard: a node that died is taken out of service (the job goes on with the others, which
-        retry its shards); otherwise make sure its server is up again. Only a node with its own server can be
-        lost: shards for a remote provider run anywhere, and Ray places a retry on a live node."""
+        retry its shards). Otherwise its server is checked, and restarted if dead or hung, without waiting: the
+        node takes no new shard until `watch()` sees the check back, and the driver goes on with the other nodes
+        meanwhile (a vLLM restart takes minutes). Only a node with its own server can be lost: shards for a
+        remote provider run anywhere, and Ray places a retry on a live node."""
         if self.actor is None or self.lost is not None:
             return
         if isinstance(error, ray.exceptions.NodeDiedError | ray.exceptions.TaskUnschedulableError):
             self._out_of_service(error)
         else:
-            self._collect(self.actor.ensure_alive.remote())
+            # Replaces a pending watchdog check: the actor runs calls in order, so this one sees the failure.
+            self.health_ref, self.recovering = self.actor.ensure_alive.remote(), True
 
     def _collect(self, health_ref: Any) -> None:
         """The result of an ensure_alive call. If the actor died or could not restart the server, the node is out
         of service. An actor that is only unreachable for now is asked again at the next check."""
         try:
             self.info["restarts"] = ray.get(health_ref)
+            self.recovering = False
         except ray.exceptions.ActorUnavailableError:
-            pass
+            self.last_check = 0.0  # ask again at once
         except ray.exceptions.RayError as e:
             self._out_of_service(e.cause if isinstance(e, ray.exceptions.RayTaskError) else e)
 
@@ -174,7 +179,8 @@ class Node:
     def watch(self, interval: float = 5.0) -> None:
         """Non-blocking watchdog: every `interval` s, ask the node's actor to restart a dead or hung server. It
         comes back on the same port, so the shard in flight carries on: Data Designer defers requests that hit a
-        closed port and retries them, and the shard commits only if the server is healthy at its end."""
+        closed port and retries them, and the shard commits only if the server is healthy at its end. Also
+        collects the check that `recover()` asked for."""
         if self.actor is None or self.lost is not None:
             return
         if self.health_ref is not None:

@@ -183,7 +183,7 @@ class Job:
                     shard = todo.popleft()
                     ref = node.submit(self.recipe, shard, self.seed_rows, self.store.run_dir, attempts.get(shard.id, 0))
                     inflight[ref] = (shard, node)
-            if not inflight:
+            if not inflight and not todo:
                 added = self.top_up(sum(node.slots for node in nodes if node.lost is None))
                 if not added:
                     return
@@ -191,7 +191,11 @@ class Job:
                 continue
             for node in nodes:
                 node.watch()
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            if inflight:
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            else:  # the shards left wait for a node's server check to come back
+                done = []
+                time.sleep(0.5)
             for ref in done:
                 shard, node = inflight.pop(ref)
                 node.inflight -= 1

@@ -4,7 +4,8 @@ It behaves like a continuous-batching engine with `slots` concurrent sequences: 
 `max_tokens × seconds_per_token` (+ a fixed prefill cost) and queues when all slots are busy, so its capacity is
 known exactly: slots / service_time requests per second. Answers are unique filler text, or, when the request
 carries `response_format: json_schema`, a minimal instance of that schema. Faults are injected at set rates:
-HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server).
+HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server). `startup_s` delays listening,
+like an engine loading its weights.
 
     python -m sdg_job.simulator --port 8000 --slots 64 --seconds-per-token 0.001 --fail-500 0.05
 """
@@ -132,10 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-400", type=float, default=0.0)
     p.add_argument("--die-after", type=int, default=None, help="exit after this many requests")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--startup-s", type=float, default=0.0, help="wait this long before listening (loading weights)")
     a = p.parse_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
     async def serve() -> None:
+        await asyncio.sleep(a.startup_s)
         sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed)
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()

@@ -128,6 +128,31 @@ def test_hung_server_is_restarted_and_the_run_completes(two_nodes, out_dir: Path
     assert manifest["server_restarts"] >= 1
 
 
+def test_a_node_checking_its_server_takes_no_shards_and_does_not_hold_up_the_driver(two_nodes, tmp_path) -> None:
+    """After a failed shard the driver asks that node's actor to check its server, then goes on at once: a restart
+    can take minutes (vLLM loading weights) and the other nodes keep getting shards meanwhile. The SIMULATED
+    server here, for its slow start-up (--startup-s)."""
+    import ray
+
+    from sdg_job.cluster import Node, NodeServer
+    from sdg_job.generate import Endpoint
+
+    ray.init(address=two_nodes["RAY_ADDRESS"])
+    try:
+        actor = NodeServer.remote(simulator_spec(extra_args=["--startup-s", "6"]), str(tmp_path))
+        info = ray.get(actor.start.remote())
+        node = Node(Endpoint(info["endpoint"], None, "simulated", 1), 1, actor, info["node_id"], info=info)
+        port = info["endpoint"].removesuffix("/v1").rsplit(":", 1)[1]
+        os.kill(pids(f"sdg_job.simulator .*--port {port} ")[0], signal.SIGKILL)
+        started = time.monotonic()
+        node.recover(RuntimeError("a shard failed"))
+        assert time.monotonic() - started < 1 and not node.accepts()
+        wait_for(lambda: (node.watch(), node.accepts())[1], timeout=120, what="the restarted server")
+        assert time.monotonic() - started >= 6 and node.info["restarts"] == 1
+    finally:
+        ray.shutdown()
+
+
 def test_lost_node_is_taken_out_of_service_and_the_job_finishes_on_the_other(out_dir: Path) -> None:
     """A whole node dies mid-run (raylet, workers, server: SIGKILL), as when a GPU node fails. Its own cluster,
     so the other tests keep two nodes."""
