@@ -134,7 +134,7 @@ class Job:
         )
         self.summaries = self.store.summaries()
         # A previous run may have topped up: its committed extra shards belong to this plan too. Top-ups run in
-        # parallel, so one in flight when the driver died leaves a gap in the ids; new top-ups number after the last.
+        # parallel, so one in flight when the driver died leaves a gap in the ids; new top-ups go past the largest.
         planned = {s.id for s in self.shards}
         for shard_id, summary in self.summaries.items():
             if shard_id not in planned:

@@ -8,7 +8,7 @@ import pytest
 
 from sdg_job.config import load_recipe
 from sdg_job.job import Job
-from sdg_job.plan import plan_shards, shard_index, top_up_sizes
+from sdg_job.plan import plan_shards, shard_id, shard_index, top_up_sizes
 
 
 def test_shard_sizes_cover_exactly_num_records() -> None:
@@ -59,7 +59,7 @@ def tiny_job_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def commit(job: Job, index: int, records: int, requested: int) -> None:
     rows = [{"messages": [{"role": "user", "content": f"{index}-{i}"}]} for i in range(records)]
-    job.store.commit(f"shard-{index:05d}", rows, {"requested": requested, "valid": records, "dropped": {}})
+    job.store.commit(shard_id(index), rows, {"requested": requested, "valid": records, "dropped": {}})
 
 
 def test_resume_adopts_every_committed_top_up_even_after_a_gap(tiny_job_dir) -> None:
