@@ -1,7 +1,9 @@
 """`python -m sdg_job run|validate recipe=NAME|PATH [key=value …] [--preview] [--fresh]`.
 
-Exit codes: 0 ok; 2 bad input (recipe, seed file, override) with nothing written; 1 runtime failure, with
-finished shards kept so the same command resumes.
+Exit codes: 0 ok; 2 bad input (recipe, seed file, override) or the run dir held by another driver, with nothing
+written; 1 runtime failure; 143 stopped by SIGTERM (Slurm's time limit, preemption, scancel), 130 by Ctrl-C, 129
+by SIGHUP, with the manifest saying `interrupted`. After 1 and 128+N, finished shards are kept so the same command
+resumes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from sdg_job.config import Recipe, check_recipe, load_recipe, recipe_dict, resolve_recipe_path
-from sdg_job.errors import JobError, RecipeError
+from sdg_job.config import check_recipe, load_recipe, recipe_dict, resolve_recipe_path
+from sdg_job.errors import Interrupted, JobError, RecipeError
 from sdg_job.generate import offline_environment
 
 log = logging.getLogger("sdg_job")
@@ -41,19 +43,6 @@ def recipe_and_overrides(args: list[str]) -> tuple[str, list[str]]:
     if len(recipes) != 1 or not recipes[0]:
         raise RecipeError("command line", "recipe", "give exactly one recipe=NAME or recipe=PATH")
     return recipes[0], overrides
-
-
-def _log_to_run_dir(recipe: Recipe) -> None:
-    """Data Designer's chatter goes to a file in the run dir; the terminal keeps the job's own lines."""
-    logs = recipe.run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / "data_designer.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("data_designer", "httpx"):
-        lg = logging.getLogger(name)
-        lg.handlers[:] = [handler]
-        lg.setLevel(logging.INFO)
-        lg.propagate = False
 
 
 def _load_secrets_file() -> None:
@@ -93,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# preview: {len(records)} valid, dropped {dropped or 'none'}; nothing written", file=sys.stderr)
             return 0
         job.check_credentials(recipe)
-        _log_to_run_dir(recipe)
         manifest = job.run(recipe, source, fresh=ns.fresh)
         print(
             f"wrote {manifest['records']} records to {manifest['output_path']}\n"
@@ -103,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
     except JobError as e:
         print(f"failed: {e}", file=sys.stderr)

@@ -1,6 +1,8 @@
-"""The two ways a job fails, mapped to the CLI's exit codes."""
+"""The ways a job ends early, mapped to the CLI's exit codes."""
 
 from __future__ import annotations
+
+import signal
 
 
 class RecipeError(Exception):
@@ -18,6 +20,17 @@ class JobError(Exception):
     """Runtime failure (server died, budget exhausted, ...). Exit 1; finished shards are kept for resume."""
 
     exit_code = 1
+
+
+class Interrupted(JobError):
+    """Stopped by a signal: SIGTERM (Slurm's time limit, preemption, scancel) → exit 143, Ctrl-C → 130, SIGHUP →
+    129. Committed shards are kept and the manifest says `interrupted`: the same command resumes."""
+
+    def __init__(self, signum: int):
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(
+            f"{signal.Signals(signum).name}: stopped cleanly; committed shards are kept, run the same command to resume"
+        )
 
 
 class ServerUnavailable(RuntimeError):

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter, deque
@@ -19,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
-from sdg_job.errors import JobError, RecipeError, ServerUnavailable
+from sdg_job.errors import Interrupted, JobError, RecipeError, ServerUnavailable
 from sdg_job.generate import Endpoint, generate, load_engine
+from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
 from sdg_job.project import project_rows
 from sdg_job.seeds import file_sha256, read_seed_rows
 from sdg_job.serve import API_KEY_ENV, Server
 from sdg_job.store import RunStore, atomic_write, jsonl, unique_records
+from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
 
 log = logging.getLogger("sdg_job")
 PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
@@ -125,7 +128,7 @@ class Job:
     def __init__(self, recipe: Recipe, source: str, fresh: bool):
         self.recipe, self.source = recipe, source
         self.store = RunStore(recipe.run_dir)
-        self.store.open(recipe_hash(recipe), fresh, source)
+        self.store.open(recipe_hash(recipe), fresh, source, keep=(LEASE_FILE,))
         self.seed_rows = read_seed_rows(recipe.seed_dataset.path) if recipe.seed_dataset else []
         self.strategy = recipe.seed_dataset.strategy if recipe.seed_dataset else "ordered"
         gen = recipe.generation
@@ -141,6 +144,7 @@ class Job:
                 self.shards.append(self._shard(shard_index(shard_id), summary["requested"]))
         self.skipped = len(self.summaries)
         self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
+        self.inflight: dict[Any, tuple[Shard, Any]] = {}  # Ray ref → (shard, node)
 
     def _shard(self, index: int, size: int) -> Shard:
         gen = self.recipe.generation
@@ -168,16 +172,18 @@ class Job:
                  sum(sizes))  # fmt: skip
         return added
 
-    def run(self, nodes: list, progress: JobProgress) -> None:
-        """Keep every node's workers busy until exactly num_records valid records are committed."""
+    def run(self, nodes: list, progress: JobProgress, check: Callable[[], None] = lambda: None) -> None:
+        """Keep every node's workers busy until exactly num_records valid records are committed. `check` runs on
+        every turn and may raise to stop the job."""
         import ray
 
         todo = deque(s for s in self.shards if s.id not in self.summaries)
         attempts: dict[str, int] = {}
-        inflight: dict[Any, tuple[Shard, Any]] = {}
+        inflight = self.inflight
         max_retries = self.recipe.generation.max_shard_retries
         progress.update(self)
         while True:
+            check()
             for node in nodes:
                 while todo and node.accepts():
                     shard = todo.popleft()
@@ -214,6 +220,15 @@ class Job:
             if all(node.lost for node in nodes):
                 raise JobError("every node is out of service: " + "; ".join(str(node.lost) for node in nodes))
             progress.update(self)
+
+    def abandon(self) -> None:
+        """Cancel the shards in flight (each commits atomically or not at all, so nothing is half-written)."""
+        import ray
+
+        for ref in self.inflight:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        self.inflight.clear()
 
     def manifest(
         self, server_info: list[dict], started_at: datetime, wall: float, status: str, timings: dict[str, float]
@@ -300,32 +315,90 @@ class BudgetExhausted(Exception):
         self.valid, self.attempted = valid, attempted
 
 
+def _log_to_run_dir(recipe: Recipe) -> None:
+    """Data Designer's chatter goes to a file in the run dir; the terminal keeps the job's own lines."""
+    logs = recipe.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "data_designer.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("data_designer", "httpx"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
+@contextlib.contextmanager
+def _keeping_our_sigterm_handler() -> Iterator[None]:
+    """ray.init installs a SIGTERM handler that kills the local Ray and exits from wherever the driver is (stack
+    dump, exit 134, no manifest). Ours stays in place during ray.init, so a SIGTERM there interrupts it like any
+    other blocking call; the caller reinstalls ours afterwards anyway, in case a Ray version sets it elsewhere."""
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
 def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
-    """Run the whole job; returns the manifest. Raises JobError (exit 1) when it cannot finish."""
+    """Run the whole job; returns the manifest. Raises RecipeError (exit 2) when another driver holds the run dir,
+    Interrupted (exit 128 + signal) on SIGTERM, SIGINT or SIGHUP, JobError (exit 1) when it cannot finish."""
+    check_credentials(recipe)
+    signals = Signals().install()
+    try:
+        # Before RunStore.open, which may wipe the run dir (--fresh): only the lease holder touches it.
+        lease = Lease(recipe.run_dir, source).acquire(give_up=lambda: signals.received is not None)
+        if lease is None:
+            raise Interrupted(signals.received or signal.SIGINT)
+        try:
+            return _run(recipe, source, fresh, signals, lease)
+        finally:
+            lease.release()
+    finally:
+        signals.restore()
+
+
+def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Lease) -> dict[str, Any]:
+    import ray
+
     from sdg_job import cluster
 
-    check_credentials(recipe)
     started_at, t0 = datetime.now(timezone.utc), time.monotonic()
     job = Job(recipe, source, fresh)
+    _log_to_run_dir(recipe)
     if job.skipped:
         log.info("resuming: %d of %d planned shards already complete", job.skipped, len(job.shards))
     workers, parallel = concurrency(recipe)
     cpu0 = time.process_time()
     timings: dict[str, float] = {}
-    cluster.connect(recipe.run_dir)
-    timings["ray_ready"] = time.monotonic() - t0
     nodes: list = []
     status, error = "complete", None
+
+    def still_ours() -> None:
+        if lease.lost is not None:
+            raise JobError(f"this driver lost {recipe.run_dir}: {lease.lost}")
+
     try:
-        if recipe.provider == "local":
-            nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel)
-        else:
-            nodes = [cluster.Node(remote_endpoint(recipe, parallel), workers * max(1, cluster.node_slots()))]
-        timings["servers_ready"] = time.monotonic() - t0
-        timings["driver_cpu_startup"] = time.process_time() - cpu0
-        with JobProgress(recipe.num_records) as progress:
-            job.run(nodes, progress)
-        timings["generation"] = time.monotonic() - t0 - timings["servers_ready"]
+        with signals.interruptible():  # SIGTERM, SIGINT, SIGHUP raise here (Interrupt, a KeyboardInterrupt)
+            with _keeping_our_sigterm_handler():
+                cluster.connect(recipe.run_dir)
+            signals.install()
+            timings["ray_ready"] = time.monotonic() - t0
+            if recipe.provider == "local":
+                nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel)
+            else:
+                nodes = [cluster.Node(remote_endpoint(recipe, parallel), workers * max(1, cluster.node_slots()))]
+            timings["servers_ready"] = time.monotonic() - t0
+            timings["driver_cpu_startup"] = time.process_time() - cpu0
+            with JobProgress(recipe.num_records) as progress:
+                job.run(nodes, progress, still_ours)
+            timings["generation"] = time.monotonic() - t0 - timings["servers_ready"]
     except BudgetExhausted as e:
         status = "budget_exhausted"
         error = JobError(
@@ -333,12 +406,26 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
             f"{recipe.num_records}) gave only {e.valid} valid records. They are kept in "
             f"{recipe.output_path}.partial; raise generation.budget or fix the recipe, then re-run to continue."
         )
+    except KeyboardInterrupt:  # from here on a signal is only noted: nothing cuts the clean-up short
+        signum = signals.received or signal.SIGINT
+        status, error = "interrupted", Interrupted(signum)
+        log.warning("%s: stopping; committed shards are kept", signal.Signals(signum).name)
     finally:
+        if signals.received is not None:  # a new driver on this run dir waits for our release instead of refusing
+            lease.mark_releasing()
+        # What Ray started below this driver, to end after ray.shutdown() whatever of it outlives that (its agents
+        # do). Only in a supervised driver: everything below it is the job's.
+        leftovers = snapshot() if os.environ.get(DRIVER_ENV) else {}
+        job.abandon()
         server_info = cluster.stop_node_servers(nodes)
-        import ray
-
         ray.shutdown()
-    count = job.merge(partial=status != "complete")
+        if ended := end_snapshot(leftovers):
+            log.info("ended %d process(es) left after ray.shutdown()", len(ended))
+    if status == "interrupted":
+        # Shards abandoned in flight may have committed all the same: the manifest counts what is on disk.
+        job.summaries = {**job.store.summaries(), **job.summaries}
+    else:
+        count = job.merge(partial=status != "complete")
     timings["driver_cpu"] = time.process_time() - cpu0
     manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
     atomic_write(recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

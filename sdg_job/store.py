@@ -41,8 +41,9 @@ class RunStore:
         self.shards_dir = run_dir / "shards"
         self.logs_dir = run_dir / "logs"
 
-    def open(self, recipe_hash: str, fresh: bool, source: str) -> None:
-        """Claim the run dir for this recipe; refuse one made by a different recipe unless `fresh`."""
+    def open(self, recipe_hash: str, fresh: bool, source: str, keep: tuple[str, ...] = ()) -> None:
+        """Claim the run dir for this recipe; refuse one made by a different recipe unless `fresh`, which wipes
+        it all but `keep` (the lease this driver holds: wiping it would let a second driver in)."""
         identity = self.run_dir / "run.json"
         if identity.exists() and not fresh:
             old = json.loads(identity.read_text()).get("recipe_sha256")
@@ -54,7 +55,13 @@ class RunStore:
                     "Re-run with --fresh to discard them, or set a different output_path.",
                 )
         if fresh and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+            for path in self.run_dir.iterdir():
+                if path.name in keep:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         if not identity.exists():
