@@ -20,7 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdg_job.config import Recipe, ServeSpec
-from sdg_job.errors import JobError
+from sdg_job.errors import JobError, RecipeError
 from sdg_job.generate import Endpoint
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe
@@ -49,16 +49,36 @@ def node_slots() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(NODE_RESOURCE, 0) >= 1)
 
 
-def wait_for_node_slots(expected: int, timeout_s: float = 900) -> int:
-    """On a fresh multi-node cluster the workers join a little after the head: wait for all of them."""
+def wait_for_node_slots(expected: int, timeout_s: float) -> int:
+    """On a fresh multi-node cluster the workers join a little after the head: wait for all of them, within a bound.
+    A node that never joins is left out with a warning (the job goes on with the others, as after losing one)."""
     deadline = time.monotonic() + timeout_s
     while (count := node_slots()) < expected and time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(1)
     if count == 0:
-        raise JobError(f"no Ray node offers the {NODE_RESOURCE!r} resource (ray start --resources=...)")
+        raise JobError(f"no Ray node offers the {NODE_RESOURCE!r} resource after {timeout_s:.0f}s (SDG_WAIT_S); "
+                       "each node needs `ray start --resources='{\"sdg_node\": 1}'`")  # fmt: skip
     if count < expected:
-        log.warning("only %d of %d node slots joined after %.0fs; going on with them", count, expected, timeout_s)
+        log.warning("only %d of %d node slots joined after %.0fs (SDG_WAIT_S); going on with them", count, expected,
+                    timeout_s)  # fmt: skip
     return count
+
+
+def check_gpus(spec: ServeSpec) -> None:
+    """Ray would wait forever to place a server actor that asks for more GPUs than its node has: say so instead."""
+    if spec.engine != "vllm":
+        return
+    needed = spec.tensor_parallel_size * spec.data_parallel_size
+    for node in ray.nodes():
+        resources = node.get("Resources", {})
+        if node.get("Alive") and resources.get(NODE_RESOURCE, 0) >= 1 and resources.get("GPU", 0) < needed:
+            raise RecipeError(
+                "serve",
+                "tensor_parallel_size × data_parallel_size",
+                f"{spec.tensor_parallel_size} × {spec.data_parallel_size} = {needed} GPUs per server, but node "
+                f"{node.get('NodeManagerHostname')} ({node['NodeID'][:8]}) offers {resources.get('GPU', 0):g}; Ray "
+                f"resources seen there: {dict(sorted(resources.items()))}",
+            )
 
 
 @ray.remote(num_cpus=0, resources={NODE_RESOURCE: 1}, max_restarts=0)
@@ -75,7 +95,14 @@ class NodeServer:
         return self.info()
 
     def info(self) -> dict:
-        return {"node_id": self.node_id, "host": socket.gethostname(), **describe(self.server)}
+        # On Slurm, the node the server runs on by Slurm's name (hosts can carry several Slurm nodes).
+        slurm_node = os.environ.get("SLURMD_NODENAME")
+        return {
+            "node_id": self.node_id,
+            "host": socket.gethostname(),
+            "slurm_node": slurm_node,
+            **describe(self.server),
+        }
 
     def api_key(self) -> str:
         return self.server.api_key
@@ -198,8 +225,11 @@ class Node:
 def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int) -> list[Node]:
     """One NodeServer per node slot in the cluster, all started in parallel and health-gated."""
     assert recipe.serve is not None
-    count = wait_for_node_slots(int(os.environ.get("SDG_EXPECTED_NODES", "1")))
+    count = wait_for_node_slots(
+        int(os.environ.get("SDG_EXPECTED_NODES", "1")), float(os.environ.get("SDG_WAIT_S", 900))
+    )
     spec = recipe.serve
+    check_gpus(spec)
     # vLLM's GPUs are reserved for the actor, so Ray sets CUDA_VISIBLE_DEVICES for the server it starts.
     gpus = spec.tensor_parallel_size * spec.data_parallel_size if spec.engine == "vllm" else 0
     actors = [NodeServer.options(num_gpus=gpus).remote(spec, str(logs_dir)) for _ in range(count)]  # type: ignore[attr-defined]

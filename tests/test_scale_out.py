@@ -188,3 +188,14 @@ def test_http_errors_are_counted_and_topped_up(out_dir: Path, tmp_path: Path) ->
         # 400s are not retryable: those rows are dropped, counted, and replaced by top-up shards
         assert manifest["dropped"]["generation_failed"] >= 1
         assert manifest["attempted"] == 40 + sum(manifest["dropped"].values())
+
+
+def test_a_node_with_too_few_gpus_for_its_server_stops_the_job_with_both_numbers(two_nodes, out_dir: Path) -> None:
+    """Ray would wait forever to place a vLLM server actor asking for GPUs its node lacks (these nodes have none):
+    the job says so before starting any server. No vLLM is needed: nothing is started."""
+    result = run_cli("run", "recipe=tiny", "serve.engine=vllm", "serve.model=some/model", "serve.data_parallel_size=2",
+                     out_dir=out_dir, env=two_nodes | {"SDG_EXPECTED_NODES": "2"}, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "1 × 2 = 2 GPUs per server" in result.stderr and "offers 0" in result.stderr, result.stderr[-2000:]
+    assert "sdg_node" in result.stderr and "Traceback" not in result.stderr  # the Ray resources seen are named
+    assert not list(out_dir.glob("*.jsonl"))
