@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))  # a plain checkout works too
 
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator  # noqa: E402
 
 from sdg_job.cli import recipe_and_overrides  # noqa: E402
 from sdg_job.config import apply_overrides, load_recipe  # noqa: E402
@@ -46,20 +46,34 @@ class SSH(Strict):
 class SlurmProfile(Strict):
     account: str
     partition: str
-    nodes: int = 1
-    gpus_per_node: int = 8
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=8, ge=0, description="0: a CPU partition (no --gpus-per-node)")
     time: str = "04:00:00"
-    container_image: str
+    # pyxis: every step runs in container_image. none: every step runs the project's own installation on shared
+    # storage (`venv`, default: the one this launcher runs from), for clusters without pyxis/enroot.
+    container: Literal["pyxis", "none"] = "pyxis"
+    container_image: str | None = None
     container_mounts: list[str] = []
+    venv: str | None = None
     job_dir: str
+    # vLLM with data parallelism runs an engine and an API process per rank: the whole node, not a default share.
+    exclusive: bool = True
+    mem: str | None = "0"
+    ray_port: int = Field(default=6379, ge=1, le=65535)
+    wait_s: int = Field(default=600, ge=1, description="bound on every start-up wait: Ray head, node slots")
+    # Slurm sends SIGTERM this long before the time limit: the driver stops cleanly, keeping every committed shard.
+    warn_before_limit_s: int = Field(default=300, ge=0)
+    requeue: bool = Field(default=False, description="after that warning (or a preemption), requeue the job to resume")
     tunnel: Literal["local", "ssh"] = "local"
     ssh: SSH | None = None
     secrets: list[str] = []
 
     @model_validator(mode="after")
-    def _ssh_settings_for_an_ssh_tunnel(self) -> SlurmProfile:
+    def _consistent(self) -> SlurmProfile:
         if self.tunnel == "ssh" and self.ssh is None:
             raise ValueError("tunnel: ssh needs slurm.ssh.host and slurm.ssh.user")
+        if self.container == "pyxis" and not self.container_image:
+            raise ValueError("container: pyxis needs slurm.container_image (or container: none)")
         return self
 
 
@@ -115,23 +129,37 @@ def slurm_executor(p: SlurmProfile):
                                pre_command=p.ssh.pre_command)  # fmt: skip
     else:
         tunnel = run.LocalTunnel(job_dir=experiments)
+    sbatch: dict[str, str | bool] = {"export": "ALL", "open_mode": "append"}  # secrets come from the environment
+    if p.exclusive:
+        sbatch["exclusive"] = True
+    if p.mem is not None:
+        sbatch["mem"] = p.mem
+    if p.warn_before_limit_s:
+        sbatch["signal"] = f"B:TERM@{p.warn_before_limit_s}"
+    # Names and paths only: every value here is written into the sbatch script and NeMo-Run's files.
+    env = {
+        "SDG_CONTAINER": p.container,
+        "SDG_RAY_PORT": str(p.ray_port),
+        "SDG_WAIT_S": str(p.wait_s),
+        "SDG_REQUEUE": "1" if p.requeue else "0",
+        "SDG_SECRET_ENV_NAMES": ",".join(p.secrets),
+    }
+    if p.container == "pyxis":
+        env["NEMO_RUN_DIR"] = "/nemo_run"  # NeMo-Run mounts the job dir there; with none, the script sets the path
+    venv = Path(p.venv).expanduser() if p.venv else Path(sys.prefix)
     return run.SlurmExecutor(
         account=p.account,
         partition=p.partition,
         nodes=p.nodes,
         ntasks_per_node=1,
-        gpus_per_node=p.gpus_per_node,
+        gpus_per_node=p.gpus_per_node or None,
         time=p.time,
-        container_image=p.container_image,
+        container_image=p.container_image if p.container == "pyxis" else None,
         container_mounts=list(p.container_mounts),
-        # Names and paths only: every value here is written into the sbatch script and NeMo-Run's files.
-        env_vars={
-            "NEMO_RUN_DIR": "/nemo_run",
-            "SDG_EXPECTED_NODES": str(p.nodes),
-            "SDG_SECRET_ENV_NAMES": ",".join(p.secrets),
-        },
+        env_vars=env,
+        setup_lines=f'export PATH="{venv}/bin:$PATH"' if p.container == "none" else None,
         container_env=list(p.secrets),
-        additional_parameters={"export": "ALL"},  # secrets reach the job from the submitting environment
+        additional_parameters=sbatch,
         ray_template=str(SLURM_TEMPLATE),
         job_name_prefix="sdg-",
         packager=run.Packager(),
@@ -188,7 +216,7 @@ def launch(executor_name: str, profile: Profile, args: list[str], name: str, dry
         # NeMo-Run writes experiments to <base_dir>/experiments, where the LocalTunnel's job_dir points.
         executor, base_dir = slurm_executor(profile.slurm), profile.slurm.job_dir
         # The command lands in a shell line of the sbatch script: quote each argument.
-        args, python, metadata = [shlex.quote(a) for a in args], "python", {"use_with_ray_cluster": True}
+        args, python, metadata = [shlex.quote(a) for a in args], "python3", {"use_with_ray_cluster": True}
     elif executor_name == "docker" and profile.docker:
         executor, base_dir = docker_executor(profile.docker), str(Path(profile.docker.job_dir).resolve())
         python = "python3"
@@ -200,6 +228,13 @@ def launch(executor_name: str, profile: Profile, args: list[str], name: str, dry
         if executor_name == "local":  # the job dir on this machine; NeMo-Run does not set NEMO_RUN_DIR itself
             executor.env_vars["NEMO_RUN_DIR"] = os.path.join(exp._exp_dir, name)
         exp.add(task, name=name)
+        if executor_name == "slurm":
+            # sbatch opens the job's output file before the script runs: put it in the task's job dir, which NeMo-Run
+            # has made by then (its default, <job dir>/ray/logs, does not exist yet and the job dies unstarted).
+            task_executor = exp.jobs[-1].executor
+            task_executor.job_details.folder = os.path.join(
+                task_executor.tunnel.job_dir, Path(task_executor.job_dir).name
+            )
         if dryrun:
             exp.dryrun(log=False, delete_exp_dir=False)
             print(describe(executor_name, exp._exp_dir, name, executor, args))

@@ -76,24 +76,68 @@ def test_slurm_dryrun_writes_a_complete_two_node_sbatch_script_without_secrets(t
         assert line in script
     assert "--container-image=nvcr.io/me/sdg-job:0.1.0" in script
     assert "/lustre/hf:/root/.cache/huggingface" in script and ":/nemo_run" in script
-    assert "export NEMO_RUN_DIR=/nemo_run" in script
+    assert "export NEMO_RUN_DIR=/nemo_run" in script and "export SDG_CONTAINER=pyxis" in script
     assert re.search(r"ray start --head .*--resources=\"\$SLOT\"", script)
     assert re.search(r"ray start --block --address=\"\$RAY_ADDRESS\" --resources=\"\$SLOT\"", script)
     assert "SLOT='{\"sdg_node\": 1}'" in script
-    command = "python -m sdg_job run recipe=default num_records=500 'columns.persona.params.values=[a pirate, a chef]'"
+    command = "python3 -m sdg_job run recipe=default num_records=500 'columns.persona.params.values=[a pirate, a chef]'"
     assert command in script
     assert "--container-env=" in script and "NVIDIA_API_KEY" in script  # by name
-    assert "-A=" not in script and "--gres=gpu:8" in script
     written = everything_written(tmp_path / "cluster") + everything_written(tmp_path / "nemorun_home")
     assert SECRET not in written and HF_SECRET not in written
     assert SECRET not in result.stdout + result.stderr
 
 
-def test_slurm_dryrun_script_is_valid_bash(tmp_path: Path) -> None:
-    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default")
+def srun_lines(script: str) -> list[str]:
+    """Each srun command of a script, continuation lines joined."""
+    joined = script.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip().startswith("srun ")]
+
+
+def test_slurm_script_on_the_pyxis_path_carries_the_review_fixes(tmp_path: Path) -> None:
+    """Each defect found on paper in the pyxis script, asserted in the script NeMo-Run renders."""
+    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.ray_port=6390")
     assert result.returncode == 0, result.stderr[-3000:]
     (script_path,) = (tmp_path / "cluster").rglob("*_sbatch.sh")
+    script = script_path.read_text()
+    head, worker, driver = srun_lines(script)
+    # The driver runs inside the Ray head's container (enroot gives each container its own /tmp and Ray sockets).
+    assert "ray start --head" in head and "--overlap" in driver and "sdg_job run" in driver
+    assert "${head_container[@]}" in head and "${head_container[@]}" in driver
+    assert "${head_container[@]}" not in worker
+    assert "head_container=(--container-name=sdg-ray-head)" in script
+    # No --gres on steps beside the job's --gpus-per-node; the driver takes no GPU.
+    assert "#SBATCH --gpus-per-node=8" in script and "--gres" not in script
+    assert '"${driver_gpus[@]}"' in driver and "driver_gpus=(--gpus=0)" in script
+    # python3 only (the vLLM image has no `python`).
+    assert not re.search(r"(^|[\s/])python\s", script) and "python3 -m sdg_job run" in driver
+    # The whole node: exclusive, all its memory, all its CPUs for the Ray node steps.
+    assert "#SBATCH --exclusive" in script and "#SBATCH --mem=0" in script
+    assert '--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"' in script
+    # Ray port from the profile; head address not from `hostname --ip-address`; bounded waits with clear errors.
+    assert "export SDG_RAY_PORT=6390" in script and "--ip-address" not in script
+    assert "getent ahostsv4" in script and "!~ /^127\\./" in script
+    assert 'wait_for "the Ray head at $RAY_ADDRESS" port_open' in script and "not up after ${wait_s}s" in script
+    # The time-limit warning reaches the batch shell, which passes it on to the driver.
+    assert "#SBATCH --signal=B:TERM@300" in script and "trap on_stop TERM USR1" in script
+    assert "--container-workdir=/nemo_run " in script  # the job dir; NeMo-Run's /nemo_run/code is never made here
     assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
+
+
+def test_slurm_profile_settings_reach_the_script(tmp_path: Path) -> None:
+    result = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.exclusive=false",
+                    "slurm.mem=null", "slurm.requeue=true", "slurm.warn_before_limit_s=120", "slurm.wait_s=90",
+                    "slurm.container=none", "slurm.venv=/shared/sdg-job/.venv", "slurm.gpus_per_node=0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    script = result.stdout
+    assert "#SBATCH --exclusive" not in script and "#SBATCH --mem" not in script
+    assert "#SBATCH --gpus-per-node" not in script
+    assert "export SDG_REQUEUE=1" in script and "#SBATCH --signal=B:TERM@120" in script
+    assert "export SDG_WAIT_S=90" in script and "export SDG_CONTAINER=none" in script
+    assert 'export PATH="/shared/sdg-job/.venv/bin:$PATH"' in script
+    assert "--container-image=" not in script and "export NEMO_RUN_DIR=/nemo_run" not in script
+    no_image = launch(tmp_path, "--executor", "slurm", "--dryrun", "recipe=default", "slurm.container_image=null")
+    assert no_image.returncode == 2 and "container: pyxis needs slurm.container_image" in no_image.stderr
 
 
 def test_bad_recipe_is_rejected_before_anything_is_submitted(tmp_path: Path) -> None:
@@ -143,11 +187,15 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_plain_sbatch_script_is_valid_bash_and_passes_secrets_by_name() -> None:
+def test_plain_sbatch_is_the_same_template_rendered_and_passes_secrets_by_name() -> None:
+    from launch.plain_sbatch import render
+
     script = (REPO / "slurm" / "sdg-job.sbatch").read_text()
+    assert script == render(), "slurm/sdg-job.sbatch is stale: python launch/plain_sbatch.py > slurm/sdg-job.sbatch"
     assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "sdg-job.sbatch")]).returncode == 0
     assert "--container-env=" in script and "NVIDIA_API_KEY" in script and "#SBATCH --export=ALL" in script
-    assert "ray start --head" in script and "python -m sdg_job run" in script
+    assert "ray start --head" in script and 'python3 -m sdg_job run "${@:-recipe=default}"' in script
+    assert "#SBATCH --signal=B:TERM@300" in script and "#SBATCH --requeue" in script
 
 
 @pytest.mark.e2e

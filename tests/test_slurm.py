@@ -1,0 +1,190 @@
+"""The Slurm path for real: a two-node Slurm cluster on this machine (scripts/slurm-test-cluster.sh: real slurmctld,
+one real slurmd per node, pretend GPUs), real sbatch and srun steps, a real Ray head and worker, one real llama.cpp
+server per Slurm node. Both entry points run with `container: none` (the project's own installation, as on clusters
+without pyxis); the pyxis script is checked as rendered in tests/test_launch.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, all_files, read_jsonl
+
+pytestmark = pytest.mark.e2e
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
+SECRET = "nvapi-SENTINEL-slurm-0123456789"
+N = 30
+# Two llama-servers share this machine's two cores: one thread each (see tests/test_scale_out.py).
+JOB = ("recipe=tiny", f"num_records={N}", "generation.shard_size=5", "serve.threads=1",
+       "models.text.inference_parameters.max_tokens=48")  # fmt: skip
+PROFILE = """
+slurm:
+  account: test
+  partition: debug
+  nodes: 2
+  gpus_per_node: 2
+  time: "00:30:00"
+  container: none
+  job_dir: {job_dir}
+  wait_s: 180
+  secrets: [NVIDIA_API_KEY]
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """A fresh two-node cluster for this module, stopped (by pid) and wiped at the end."""
+    state = tmp_path_factory.mktemp("slurm") / "cluster"
+    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up", str(state), "2"], capture_output=True, text=True,
+                        timeout=600)  # fmt: skip
+    assert up.returncode == 0, f"the test Slurm cluster did not start (installing it needs root):\n{up.stderr}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDG_", "RAY_"))}
+    yield env | {"SLURM_CONF": str(state / "slurm.conf"), "NVIDIA_API_KEY": SECRET}
+    subprocess.run(["bash", str(CLUSTER_SCRIPT), "down", str(state)], timeout=120)
+
+
+def slurm_cmd(env: dict[str, str], *argv: str) -> str:
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"{argv}: {out.stderr}"
+    return out.stdout
+
+
+def job_state(env: dict[str, str], job_id: str) -> dict[str, str]:
+    text = slurm_cmd(env, "scontrol", "show", "job", "-o", job_id)
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+
+
+def wait_until_done(env: dict[str, str], job_id: str, timeout: float = 600) -> dict[str, str]:
+    """The job's final state (squeue is no guide: it briefly lists no job while one is being requeued)."""
+    return wait_for(lambda: (s := job_state(env, job_id))["JobState"] in ENDED and s, timeout, f"job {job_id} to end")
+
+
+def job_processes(job_id: str) -> list[str]:
+    """Live processes of a Slurm job on this machine (Ray, servers, workers, the driver: all inherit SLURM_JOB_ID)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"SLURM_JOB_ID={job_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                stat = (proc / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie waits for PID 1 to reap it: it is gone
+                    found.append(stat)
+        except OSError:
+            pass
+    return found
+
+
+def committed(job_dir: Path) -> list[Path]:
+    return sorted((job_dir / "sdg" / ".tiny.run" / "shards").glob("shard-*.json"))
+
+
+def assert_exactly_n_unique_from_both_nodes(job_dir: Path, resumed: bool = False) -> dict:
+    records = read_jsonl(job_dir / "sdg" / "tiny.jsonl")
+    assert len(records) == N and len({json.dumps(r, sort_keys=True) for r in records}) == N
+    manifest = json.loads((job_dir / "sdg" / "tiny.manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["records"] == N
+    servers = {s["node_id"]: s["slurm_node"] for s in manifest["servers"]}
+    assert sorted(servers.values()) == ["n1", "n2"], manifest["servers"]  # one server on each Slurm node
+    if not resumed:  # a resumed run may have too few shards left to give both nodes one
+        assert {s["node_id"] for s in manifest["shards"]} == set(servers)  # both committed shards
+    return manifest
+
+
+def sbatch(env: dict[str, str], job_dir: Path, *extra_env: str) -> str:
+    """slurm/sdg-job.sbatch as its header says, without pyxis: the installation this test runs from."""
+    run_env = env | {"SDG_CONTAINER": "none", "SDG_VENV": sys.prefix, "SDG_JOB_DIR": str(job_dir)}
+    run_env |= dict(e.split("=", 1) for e in extra_env)
+    argv = ["sbatch", "--parsable", "--account=test", "--partition=debug", "--nodes=2", "--gpus-per-node=2",
+            "--time=00:30:00", f"--output={job_dir}.out", str(REPO / "slurm" / "sdg-job.sbatch"), *JOB]  # fmt: skip
+    return slurm_cmd(run_env | {"SDG_WAIT_S": "180"}, *argv).strip().split(";")[0]
+
+
+def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(PROFILE.format(job_dir=tmp_path / "cluster"))
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "slurm", "--profile", str(profile), *JOB,
+         "slurm.nodes=2"],
+        cwd=tmp_path, env=slurm | {"NEMORUN_HOME": str(tmp_path / "nemorun")}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = re.search(r"Job id: (\d+)", result.stdout).group(1)
+    state = wait_until_done(slurm, job_id)
+    (job_dir,) = {p.parent.parent for p in (tmp_path / "cluster").rglob("sdg/tiny.jsonl")}
+    assert state["JobState"] == "COMPLETED", (job_dir / "logs" / "driver.log").read_text()[-3000:]
+    manifest = assert_exactly_n_unique_from_both_nodes(job_dir)
+    sbatch_out = next(job_dir.glob("sbatch_*.out")).read_text()
+    assert "driver exited with 0" in sbatch_out
+    print(f"sbatch to done {time.monotonic() - started:.1f}s; driver timings {manifest['timings_s']}")
+    for path in all_files(tmp_path):  # the key travelled by name only
+        assert SECRET not in path.read_text(errors="replace"), path
+    assert not job_processes(job_id)  # Slurm ended the Ray steps, and with them every server
+
+
+def test_plain_sbatch_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
+    job_dir = tmp_path / "job"
+    job_id = sbatch(slurm, job_dir)
+    state = wait_until_done(slurm, job_id)
+    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:]
+    assert_exactly_n_unique_from_both_nodes(job_dir)
+    assert (job_dir / "logs" / "ray-head.log").is_file() and (job_dir / "logs" / "ray-worker-n2.log").is_file()
+    assert not job_processes(job_id)
+
+
+def test_scancel_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path) -> None:
+    job_dir = tmp_path / "job"
+    job_id = sbatch(slurm, job_dir)
+    wait_for(lambda: committed(job_dir), 300, "the first committed shard")
+    slurm_cmd(slurm, "scancel", job_id)
+    assert wait_until_done(slurm, job_id, timeout=120)["JobState"] == "CANCELLED"
+    finished = len(committed(job_dir))
+    assert not (job_dir / "sdg" / "tiny.jsonl").exists()
+    state = wait_until_done(slurm, sbatch(slurm, job_dir))
+    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:]
+    manifest = assert_exactly_n_unique_from_both_nodes(job_dir, resumed=True)
+    assert manifest["shards_skipped_on_resume"] >= finished >= 1
+
+
+def test_time_limit_warning_stops_cleanly_and_the_requeued_job_finishes(slurm, tmp_path: Path) -> None:
+    """`--signal=B:TERM@…` reaches the batch shell before the time limit; `scancel --batch --signal=TERM` sends the
+    same signal now. The driver keeps what is committed, writes an `interrupted` manifest, and the job requeues
+    itself (SDG_REQUEUE=1); the requeued run resumes and ends with exactly N."""
+    job_dir = tmp_path / "job"
+    job_id = sbatch(slurm, job_dir, "SDG_REQUEUE=1")
+    wait_for(lambda: committed(job_dir), 300, "the first committed shard")
+    slurm_cmd(slurm, "scancel", "--batch", "--signal=TERM", job_id)
+    manifest_path = job_dir / "sdg" / "tiny.manifest.json"
+    interrupted = wait_for(lambda: manifest_path.exists() and json.loads(manifest_path.read_text()), 120,
+                           "the interrupted manifest")  # fmt: skip
+    assert interrupted["status"] == "interrupted"
+    kept = len(interrupted["shards"])
+    # Slurm holds a requeued job back for a while (BeginTime); let it start now.
+    requeued = wait_for(lambda: (s := job_state(slurm, job_id))["JobState"] == "PENDING" and s, 120, "the requeue")
+    assert requeued["Restarts"] == "1"
+    slurm_cmd(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    state = wait_until_done(slurm, job_id)
+    log = Path(f"{job_dir}.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "driver exited with 143" in log and "requeueing job" in log and "driver exited with 0" in log
+    manifest = assert_exactly_n_unique_from_both_nodes(job_dir, resumed=True)
+    assert manifest["shards_skipped_on_resume"] >= kept >= 1
