@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,32 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def all_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition"):
+    """Poll `predicate` until it returns something true, and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """Live processes (pid → cmdline) whose environment has name=value: every process a job starts inherits it,
+    orphans too, and nobody else's process carries it. Zombies are gone already (PID 1 reaps them lazily here)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"{name}={value}".encode() in environ.split(b"\0") and state != "Z":
+            found[int(entry)] = cmdline.strip()
+    return found

@@ -19,23 +19,13 @@ import pytest
 from sdg_job import lease as lease_mod
 from sdg_job.errors import RecipeError
 from sdg_job.lease import EXPIRY_S, LEASE_FILE, Lease, stale_reason
-from tests.conftest import read_jsonl, run_cli, start_cli
+from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, wait_for
 
 # Long enough to signal mid-run: 8 shards of 3 records, two in flight at a time.
 N = 24
 ARGS = ("run", "recipe=tiny", f"num_records={N}", "generation.shard_size=3", "generation.workers_per_node=2",
         "models.text.inference_parameters.max_tokens=48")  # fmt: skip
 RUN_DIR = ".tiny.run"
-
-
-def wait_for(predicate, timeout: float = 300, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def committed(out_dir: Path) -> list[Path]:
@@ -56,21 +46,7 @@ def assert_exactly_n_unique(out_dir: Path) -> dict:
 
 
 def job_processes(marker: str) -> dict[int, str]:
-    """Live processes of the job that carries `marker` in its environment (every process it starts inherits it,
-    orphans too), by pid → cmdline. Others' runs on this machine don't carry it."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"SDG_TEST_RUN={marker}".encode() in environ.split(b"\0") and state != "Z":
-            found[int(entry)] = cmdline.strip()
-    return found
+    return processes_with_env("SDG_TEST_RUN", marker)
 
 
 def assert_nothing_left(marker: str, within: float = 20) -> None:

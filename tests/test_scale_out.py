@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sdg_job.serve import Server, simulator_spec
-from tests.conftest import read_jsonl, run_cli, start_cli
+from tests.conftest import read_jsonl, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 # Two servers share this machine's cores: one thread each, or llama.cpp's spinning threads starve each other.
@@ -32,16 +32,6 @@ def two_nodes():
     cluster.wait_for_nodes()
     yield {"RAY_ADDRESS": cluster.address}
     cluster.shutdown()
-
-
-def wait_for(predicate, timeout: float = 300, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def committed(out_dir: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, all_files, read_jsonl
+from tests.conftest import REPO, all_files, processes_with_env, read_jsonl, wait_for
 
 pytestmark = pytest.mark.e2e
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
@@ -61,35 +61,12 @@ def job_state(env: dict[str, str], job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
 
 
 def wait_until_done(env: dict[str, str], job_id: str, timeout: float = 600) -> dict[str, str]:
     """The job's final state (squeue is no guide: it briefly lists no job while one is being requeued)."""
     return wait_for(lambda: (s := job_state(env, job_id))["JobState"] in ENDED and s, timeout, f"job {job_id} to end")
-
-
-def job_processes(job_id: str) -> list[str]:
-    """Live processes of a Slurm job on this machine (Ray, servers, workers, the driver: all inherit SLURM_JOB_ID)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if f"SLURM_JOB_ID={job_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                stat = (proc / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie waits for PID 1 to reap it: it is gone
-                    found.append(stat)
-        except OSError:
-            pass
-    return found
 
 
 def committed(job_dir: Path) -> list[Path]:
@@ -138,7 +115,7 @@ def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> 
     print(f"sbatch to done {time.monotonic() - started:.1f}s; driver timings {manifest['timings_s']}")
     for path in all_files(tmp_path):  # the key travelled by name only
         assert SECRET not in path.read_text(errors="replace"), path
-    assert not job_processes(job_id)  # Slurm ended the Ray steps, and with them every server
+    assert not processes_with_env("SLURM_JOB_ID", job_id)  # Slurm ended the Ray steps, and every server
 
 
 def test_plain_sbatch_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
@@ -148,7 +125,7 @@ def test_plain_sbatch_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path)
     assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:]
     assert_exactly_n_unique_from_both_nodes(job_dir)
     assert (job_dir / "logs" / "ray-head.log").is_file() and (job_dir / "logs" / "ray-worker-n2.log").is_file()
-    assert not job_processes(job_id)
+    assert not processes_with_env("SLURM_JOB_ID", job_id)
 
 
 def test_scancel_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path) -> None:
