@@ -69,6 +69,14 @@ def wait_until_done(env: dict[str, str], job_id: str, timeout: float = 600) -> d
     return wait_for(lambda: (s := job_state(env, job_id))["JobState"] in ENDED and s, timeout, f"job {job_id} to end")
 
 
+def slurm_logs(env: dict[str, str], job_id: str) -> str:
+    """What Slurm itself says about a job, for a failure message."""
+    state = Path(env["SLURM_CONF"]).parent
+    lines = [line for log in sorted(state.glob("*.log")) for line in log.read_text(errors="replace").splitlines()
+             if f"JobId={job_id}" in line or f"[{job_id}." in line or f"job {job_id}" in line]  # fmt: skip
+    return slurm_cmd(env, "scontrol", "show", "job", "-o", job_id) + "\n".join(lines[-40:])
+
+
 def committed(job_dir: Path) -> list[Path]:
     return sorted((job_dir / "sdg" / ".tiny.run" / "shards").glob("shard-*.json"))
 
@@ -108,7 +116,8 @@ def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> 
     job_id = re.search(r"Job id: (\d+)", result.stdout).group(1)
     state = wait_until_done(slurm, job_id)
     (job_dir,) = {p.parent.parent for p in (tmp_path / "cluster").rglob("sdg/tiny.jsonl")}
-    assert state["JobState"] == "COMPLETED", (job_dir / "logs" / "driver.log").read_text()[-3000:]
+    driver_log = (job_dir / "logs" / "driver.log").read_text()
+    assert state["JobState"] == "COMPLETED", driver_log[-3000:] + slurm_logs(slurm, job_id)
     manifest = assert_exactly_n_unique_from_both_nodes(job_dir)
     sbatch_out = next(job_dir.glob("sbatch_*.out")).read_text()
     assert "driver exited with 0" in sbatch_out
@@ -122,7 +131,7 @@ def test_plain_sbatch_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path)
     job_dir = tmp_path / "job"
     job_id = sbatch(slurm, job_dir)
     state = wait_until_done(slurm, job_id)
-    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:]
+    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:] + slurm_logs(slurm, job_id)
     assert_exactly_n_unique_from_both_nodes(job_dir)
     assert (job_dir / "logs" / "ray-head.log").is_file() and (job_dir / "logs" / "ray-worker-n2.log").is_file()
     assert not processes_with_env("SLURM_JOB_ID", job_id)
@@ -136,8 +145,9 @@ def test_scancel_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path)
     assert wait_until_done(slurm, job_id, timeout=120)["JobState"] == "CANCELLED"
     finished = len(committed(job_dir))
     assert not (job_dir / "sdg" / "tiny.jsonl").exists()
-    state = wait_until_done(slurm, sbatch(slurm, job_dir))
-    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:]
+    job_id = sbatch(slurm, job_dir)
+    state = wait_until_done(slurm, job_id)
+    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:] + slurm_logs(slurm, job_id)
     manifest = assert_exactly_n_unique_from_both_nodes(job_dir, resumed=True)
     assert manifest["shards_skipped_on_resume"] >= finished >= 1
 
@@ -155,13 +165,14 @@ def test_time_limit_warning_stops_cleanly_and_the_requeued_job_finishes(slurm, t
                            "the interrupted manifest")  # fmt: skip
     assert interrupted["status"] == "interrupted"
     kept = len(interrupted["shards"])
-    # Slurm holds a requeued job back for a while (BeginTime); let it start now.
+    # Slurm holds a requeued job back for ~2 min (BeginTime); cut that to 5 s. Not to 0: slurmd refuses a job
+    # restarted within a second of its requeue ("Job credential revoked"), which is why Slurm delays it at all.
     requeued = wait_for(lambda: (s := job_state(slurm, job_id))["JobState"] == "PENDING" and s, 120, "the requeue")
     assert requeued["Restarts"] == "1"
-    slurm_cmd(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    slurm_cmd(slurm, "scontrol", "update", f"JobId={job_id}", "StartTime=now+5")
     state = wait_until_done(slurm, job_id)
     log = Path(f"{job_dir}.out").read_text()
-    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["JobState"] == "COMPLETED", log[-3000:] + slurm_logs(slurm, job_id)
     assert "driver exited with 143" in log and "requeueing job" in log and "driver exited with 0" in log
     manifest = assert_exactly_n_unique_from_both_nodes(job_dir, resumed=True)
     assert manifest["shards_skipped_on_resume"] >= kept >= 1
