@@ -10,6 +10,7 @@ This file only composes NeMo-Run executors around that command: it knows nothing
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -79,11 +80,14 @@ class SlurmProfile(Strict):
 
 class DockerProfile(Strict):
     container_image: str
-    num_gpus: int = -1
+    num_gpus: int = Field(default=-1, description="-1: all GPUs; 0: none (provider=openai|nvidia)")
     shm_size: str = "16g"
     volumes: list[str] = []
     job_dir: str = "./nemo_experiments"
     secrets_file: str | None = None
+    # host: the job reaches an endpoint on this machine (OPENAI_BASE_URL=http://localhost:…) and Ray and vLLM find
+    # each other as they do outside a container. NeMo-Run's own default is a bridge network of its own (`nemo_run`).
+    network: str = "host"
 
 
 class LocalProfile(Strict):
@@ -183,8 +187,13 @@ def docker_executor(p: DockerProfile):
         shm_size=p.shm_size,
         volumes=volumes,
         env_vars=env,
-        # The image's ENTRYPOINT is `python3 -m sdg_job run`; NeMo-Run passes a full `bash -c …` command.
-        additional_kwargs={"entrypoint": ["/usr/bin/env"]},
+        network=p.network,
+        additional_kwargs={
+            # The image's ENTRYPOINT is `python3 -m sdg_job run`; NeMo-Run passes a full `bash -c …` command.
+            "entrypoint": ["/usr/bin/env"],
+            # As you, not as the image's user: the job dir NeMo-Run made here is yours, and so is what lands in it.
+            "user": f"{os.getuid()}:{os.getgid()}",
+        },
         packager=run.Packager(),
     )
 
@@ -243,7 +252,22 @@ def launch(executor_name: str, profile: Profile, args: list[str], name: str, dry
         print(f"experiment: {exp._exp_dir}")
         if executor_name == "local":
             print(f"output under: {executor.env_vars['NEMO_RUN_DIR']}/sdg")
+    if executor_name == "docker":  # leaving the experiment waited for the container
+        return docker_outcome(exp.jobs[-1].executor.job_dir)
     return 0
+
+
+def docker_outcome(job_dir: str) -> int:
+    """The job's exit code (NeMo-Run's container writes it to status_<name>.out) and where its output is."""
+    code = 1
+    for status in Path(job_dir).glob("status_*.out"):
+        code = int(json.loads(status.read_text())["exit_code"])
+    if code == 0:
+        print(f"output under: {job_dir}/sdg")
+    else:
+        logs = sorted(Path(job_dir).glob("log_*.out"))
+        print(f"the job exited with {code}; see {logs[0] if logs else job_dir}", file=sys.stderr)
+    return code
 
 
 def describe(executor_name: str, exp_dir: str, name: str, executor, args: list[str]) -> str:
@@ -256,6 +280,7 @@ def describe(executor_name: str, exp_dir: str, name: str, executor, args: list[s
         lines += [
             f"image: {executor.container_image}",
             f"gpus: {'all' if executor.num_gpus == -1 else executor.num_gpus}",
+            f"network: {executor.network}",
             f"volumes: {executor.volumes}",
             f"env (names): {sorted(executor.env_vars)}",
         ]

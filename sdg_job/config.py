@@ -78,6 +78,13 @@ class ServeSpec(Strict):
         default=180, ge=0, description="restart a running server whose /health has not answered for this long; 0: never"
     )
     # vLLM
+    vllm_command: list[str] = Field(
+        default=["vllm", "serve"],
+        min_length=1,
+        description="how to start vLLM's OpenAI server (the model and flags follow). `vllm` is looked up on PATH: in "
+        "the image that is the image's own vLLM environment (sdg-job's venv comes first on PATH and has no vllm); "
+        "on a GPU box with vLLM in a venv of its own, give its path: [/opt/vllm/bin/vllm, serve]",
+    )
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
     max_num_seqs: int = Field(default=256, ge=1)
@@ -434,7 +441,8 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 # finished shards on resume.
 # (Not `parallel`: llama.cpp splits ctx_size across its slots, so it decides where answers are cut off.)
 OPERATIONAL_SERVE_KEYS = ("host", "startup_timeout_s", "hang_timeout_s", "threads", "max_num_seqs",
-                          "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size")  # fmt: skip
+                          "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size",
+                          "vllm_command")  # fmt: skip
 
 
 def recipe_hash(recipe: Recipe) -> str:

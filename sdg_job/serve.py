@@ -67,8 +67,9 @@ def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server
 
 
 def vllm_command(spec: ServeSpec, port: int) -> list[str]:
-    """`vllm serve …`; the API key comes from VLLM_API_KEY in the environment, not argv."""
-    cmd = ["vllm", "serve", spec.model, "--host", spec.host, "--port", str(port)]
+    """`vllm serve …` (`serve.vllm_command`: vLLM's own environment, which is not the job's: vLLM 0.33 and Data
+    Designer 0.9.7 need different mcp majors); the API key comes from VLLM_API_KEY in the environment, not argv."""
+    cmd = [*spec.vllm_command, spec.model, "--host", spec.host, "--port", str(port)]
     cmd += ["--served-model-name", spec.served_model_name]
     cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     cmd += ["--data-parallel-size", str(spec.data_parallel_size)]
