@@ -44,6 +44,14 @@ def docker(env: dict[str, str], *args: str, timeout: float = 600, check: bool = 
     return result
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie (PID 1 here reaps the processes it inherits lazily)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def host_network() -> tuple[str, list[str]]:
     return Path("/proc/sys/net/ipv4/ip_forward").read_text(), sorted(os.listdir("/sys/class/net"))
 
@@ -63,7 +71,7 @@ def engine(tmp_path_factory) -> dict[str, str]:
         pid = int((state / "dockerd.pid").read_text()) if (state / "dockerd.pid").is_file() else None
         subprocess.run(["bash", str(ENGINE), "down", str(state)], timeout=120)
     assert host_network() == network_before, "the engine changed the host's network (ip_forward or interfaces)"
-    assert pid is None or not Path(f"/proc/{pid}").exists(), f"dockerd {pid} outlived `docker-engine.sh down`"
+    assert pid is None or not alive(pid), f"dockerd {pid} outlived `docker-engine.sh down`"
     assert str(state) not in Path("/proc/self/mounts").read_text(), "mounts left under the engine's state dir"
 
 
