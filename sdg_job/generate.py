@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ def load_engine() -> float:
     from sdg_job import dd_hotpath
 
     started = time.process_time()
+    if "data_designer" not in sys.modules and os.environ.get("DATA_DESIGNER_HOME"):
+        # One home per process: on first use Data Designer writes its default model files there, checking exists()
+        # and then writing in place, so a worker could read another's half-written file (InvalidConfigError).
+        os.environ["DATA_DESIGNER_HOME"] = str(Path(os.environ["DATA_DESIGNER_HOME"]) / str(os.getpid()))
     import data_designer.config  # noqa: F401
     from data_designer.interface import DataDesigner  # noqa: F401  (the package imports lazily, on access)
 

@@ -165,3 +165,13 @@ def test_invalid_records_are_counted_and_the_budget_stops_the_run(tmp_path: Path
     assert manifest["records"] + sum(manifest["dropped"].values()) == 6
     assert not (out_dir / "rl_pref.jsonl").exists()
     assert len(read_jsonl(out_dir / "rl_pref.jsonl.partial")) == manifest["records"]
+
+
+def test_each_shard_worker_has_a_data_designer_home_of_its_own(tiny_run) -> None:
+    """Data Designer writes its default model files into its home on first use (exists() then write, in place):
+    workers sharing one could read a half-written file and fail a shard."""
+    out_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    workers = {s["worker"].rsplit(":", 1)[1] for s in manifest_of(out_dir, "tiny")["shards"]}
+    homes = {p.parent.name for p in (out_dir / ".tiny.run" / "dd_home").glob("*/model_configs.yaml")}
+    assert len(workers) >= 2 and workers <= homes
