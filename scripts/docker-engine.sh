@@ -13,19 +13,6 @@ cmd="${1:-}"
 dir="${2:-}"
 [[ -n "$cmd" && -n "$dir" ]] || { echo "usage: $0 up|down DIR" >&2; exit 2; }
 
-install_engine() {
-  command -v dockerd >/dev/null && command -v docker >/dev/null && return
-  if [[ $(id -u) != 0 ]]; then
-    echo "error: Docker is not installed and installing it needs root:" \
-         "apt-get install -y --no-install-recommends docker.io" >&2
-    exit 1
-  fi
-  echo "installing Docker (Debian package docker.io)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  local install=(apt-get install -y -o DPkg::Lock::Timeout=300 --no-install-recommends docker.io)
-  "${install[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null && "${install[@]}" >/dev/null; }
-}
-
 # Mounts dockerd leaves under DIR when it stops (exec-root/netns/default, a stray overlay), deepest first.
 unmount_leftovers() {
   local mnt
@@ -35,7 +22,7 @@ unmount_leftovers() {
 }
 
 up() {
-  install_engine
+  "$(dirname "$0")/install-debian-packages.sh" "dockerd docker" docker.io
   [[ -e "$dir/dockerd.pid" ]] && down
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"

@@ -15,19 +15,6 @@ dir="${2:-}"
 nodes="${3:-2}"
 [[ -n "$cmd" && -n "$dir" ]] || { echo "usage: $0 up|down DIR [NODES]" >&2; exit 2; }
 
-install_slurm() {
-  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && return
-  if [[ $(id -u) != 0 ]]; then
-    echo "error: Slurm is not installed and installing it needs root:" \
-         "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client" >&2
-    exit 1
-  fi
-  echo "installing Slurm (Debian packages slurmctld slurmd slurm-client)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install -y --no-install-recommends slurmctld slurmd slurm-client >/dev/null; }
-}
-
 # N+1 consecutive free TCP ports on loopback (slurmctld, then one per slurmd).
 free_ports() {
   python3 - "$1" <<'EOF'
@@ -54,7 +41,7 @@ EOF
 }
 
 up() {
-  install_slurm
+  "$(dirname "$0")/install-debian-packages.sh" "slurmctld slurmd sbatch" slurmctld slurmd slurm-client
   [[ -e "$dir/slurmctld.pid" ]] && down
   mkdir -p "$dir/state" "$dir/spool"
   dir="$(cd "$dir" && pwd)"

@@ -42,13 +42,7 @@ rootfs_tarball() {
     echo "$tarball"
     return
   fi
-  if ! command -v debootstrap >/dev/null; then
-    [[ $(id -u) == 0 ]] || { log "error: debootstrap is missing and installing it needs root"; exit 1; }
-    log "installing debootstrap (apt)"
-    export DEBIAN_FRONTEND=noninteractive
-    local install=(apt-get install -y -o DPkg::Lock::Timeout=300 --no-install-recommends debootstrap)
-    "${install[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null && "${install[@]}" >/dev/null; }
-  fi
+  "$(dirname "$0")/install-debian-packages.sh" debootstrap debootstrap
   mkdir -p "$cache"
   tmp="$(mktemp -d "$cache/rootfs.XXXXXX")"
   log "debootstrap --variant=minbase bookworm from $mirror (once; cached in $tarball)"
