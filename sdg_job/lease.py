@@ -248,11 +248,3 @@ class Lease:
             holder = self.read()
             if holder is not None and holder.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> Lease:
-        lease = self.acquire()
-        assert lease is not None
-        return lease
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -42,17 +42,21 @@ def prctl(option: int, value: int) -> bool:
         return False
 
 
+def _live_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first); None if gone or a zombie (a zombie is
+    already dead: its parent, here often a PID 1 that reaps lazily, has yet to collect it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields
+
+
 def _children_map() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":  # a zombie is already dead; its parent reaps it
+        if entry.isdigit() and (fields := _live_stat(entry)) is not None:
             children.setdefault(int(fields[1]), []).append(int(entry))
     return children
 
@@ -71,12 +75,8 @@ def descendants(root: int) -> list[int]:
 
 def start_time(pid: int) -> str | None:
     """When `pid` started (clock ticks since boot); None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]
+    fields = _live_stat(pid)
+    return None if fields is None else fields[19]
 
 
 def _reap() -> None:

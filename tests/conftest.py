@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from sdg_job.supervise import start_time
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -67,9 +69,8 @@ def processes_with_env(name: str, value: str) -> dict[int, str]:
         try:
             environ = Path(f"/proc/{entry}/environ").read_bytes()
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if f"{name}={value}".encode() in environ.split(b"\0") and state != "Z":
+        if f"{name}={value}".encode() in environ.split(b"\0") and start_time(int(entry)) is not None:
             found[int(entry)] = cmdline.strip()
     return found

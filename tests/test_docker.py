@@ -24,6 +24,7 @@ import pytest
 
 from sdg_job.config import load_recipe
 from sdg_job.serve import Server
+from sdg_job.supervise import start_time
 from tests.conftest import REPO, all_files, read_jsonl
 from tests.test_launch import everything_written
 
@@ -42,14 +43,6 @@ def docker(env: dict[str, str], *args: str, timeout: float = 600, check: bool = 
     if check:
         assert result.returncode == 0, f"docker {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie (PID 1 here reaps the processes it inherits lazily)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def host_network() -> tuple[str, list[str]]:
@@ -71,7 +64,7 @@ def engine(tmp_path_factory) -> dict[str, str]:
         pid = int((state / "dockerd.pid").read_text()) if (state / "dockerd.pid").is_file() else None
         subprocess.run(["bash", str(ENGINE), "down", str(state)], timeout=120)
     assert host_network() == network_before, "the engine changed the host's network (ip_forward or interfaces)"
-    assert pid is None or not alive(pid), f"dockerd {pid} outlived `docker-engine.sh down`"
+    assert pid is None or start_time(pid) is None, f"dockerd {pid} outlived `docker-engine.sh down`"
     assert str(state) not in Path("/proc/self/mounts").read_text(), "mounts left under the engine's state dir"
 
 
