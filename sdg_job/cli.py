@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(record, ensure_ascii=False, indent=2))
             print(f"# preview: {len(records)} valid, dropped {dropped or 'none'}; nothing written", file=sys.stderr)
             return 0
-        job.check_credentials(recipe)
+        job.check_environment(recipe)
         manifest = job.run(recipe, source, fresh=ns.fresh)
         print(
             f"wrote {manifest['records']} records to {manifest['output_path']}\n"

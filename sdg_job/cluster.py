@@ -66,9 +66,9 @@ def wait_for_node_slots(expected: int, timeout_s: float) -> int:
 
 def check_gpus(spec: ServeSpec) -> None:
     """Ray would wait forever to place a server actor that asks for more GPUs than its node has: say so instead."""
-    if spec.engine != "vllm":
+    needed = spec.gpus
+    if not needed:
         return
-    needed = spec.tensor_parallel_size * spec.data_parallel_size
     for node in ray.nodes():
         resources = node.get("Resources", {})
         if node.get("Alive") and resources.get(NODE_RESOURCE, 0) >= 1 and resources.get("GPU", 0) < needed:
@@ -231,8 +231,7 @@ def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, pa
     spec = recipe.serve
     check_gpus(spec)
     # vLLM's GPUs are reserved for the actor, so Ray sets CUDA_VISIBLE_DEVICES for the server it starts.
-    gpus = spec.tensor_parallel_size * spec.data_parallel_size if spec.engine == "vllm" else 0
-    actors = [NodeServer.options(num_gpus=gpus).remote(spec, str(logs_dir)) for _ in range(count)]  # type: ignore[attr-defined]
+    actors = [NodeServer.options(num_gpus=spec.gpus).remote(spec, str(logs_dir)) for _ in range(count)]  # type: ignore[attr-defined]
     t0 = time.monotonic()
     infos = ray.get([a.start.remote() for a in actors])
     log.info("%d %s server(s) healthy in %.1fs", count, recipe.serve.engine, time.monotonic() - t0)

@@ -50,6 +50,18 @@ class InferenceParameters(Strict):
 class ModelSpec(Strict):
     model: str = Field(description="name at the remote provider; with provider: local the served model is used")
     inference_parameters: InferenceParameters = InferenceParameters()
+    reasoning: Literal["off", "on"] | None = Field(
+        default=None,
+        description="off: ask the chat template not to think (chat_template_kwargs.enable_thinking=false), so "
+        "max_tokens and structured-output grammars apply to the answer itself. on: think, and keep the trace as a "
+        "field of the record apart from the answer. Unset: the server's default. Sent only where the server takes "
+        "the field (the job's own server, provider nvidia), never to provider openai",
+    )
+
+    @field_validator("reasoning", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads off as false
 
 
 class ProviderSpec(Strict):
@@ -73,11 +85,19 @@ class ServeSpec(Strict):
     model: str = Field(description="vLLM: HF id or path. llama_cpp: a .gguf path or 'embedded' (SmolLM2 from PyPI)")
     served_model_name: str
     host: str = "127.0.0.1"
-    startup_timeout_s: float = Field(default=900, gt=0)
+    first_start_timeout_s: float = Field(
+        default=1800,
+        gt=0,
+        description="the first start of a server, which may download and compile (a ~60 GB model from a hub); "
+        "stage the weights in HF_HOME and set HF_HUB_OFFLINE=1 to make it a load",
+    )
+    startup_timeout_s: float = Field(default=900, gt=0, description="a restart, with the weights already local")
+    env: dict[str, str] = Field(default={}, description="extra environment for the server (no secret values)")
     hang_timeout_s: float = Field(
         default=180, ge=0, description="restart a running server whose /health has not answered for this long; 0: never"
     )
     # vLLM
+    device: Literal["gpu", "cpu"] = Field(default="gpu", description="cpu: vLLM's CPU build, which needs no GPU")
     vllm_command: list[str] = Field(
         default=["vllm", "serve"],
         min_length=1,
@@ -90,6 +110,7 @@ class ServeSpec(Strict):
     max_num_seqs: int = Field(default=256, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int | None = Field(default=None, ge=1)
+    kv_cache_dtype: str | None = Field(default=None, description="vLLM --kv-cache-dtype, e.g. fp8 (layers/fp8.yaml)")
     # llama.cpp and the simulator
     parallel: int = Field(default=4, ge=1, description="llama-server slots (-np), simulator slots")
     seconds_per_token: float = Field(default=0.001, gt=0, description="simulator only: decode time per token")
@@ -103,6 +124,13 @@ class ServeSpec(Strict):
         if self.engine == "vllm":
             return self.max_num_seqs * self.data_parallel_size
         return self.parallel
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one server needs on its node."""
+        if self.engine == "vllm" and self.device == "gpu":
+            return self.tensor_parallel_size * self.data_parallel_size
+        return 0
 
 
 # ---------------------------------------------------------------- columns
@@ -185,9 +213,17 @@ class MessageSpec(Strict):
         return self
 
 
-class OpenAIMessagesProjection(Strict):
-    type: Literal["openai_messages"]
+class _MessagesProjection(Strict):
     messages: list[MessageSpec] = Field(min_length=1)
+    reasoning_field: str | None = Field(
+        default="reasoning_content",
+        description="key of an assistant message that carries the model's reasoning trace (models with reasoning: "
+        "on), apart from its content, as chat templates that render thinking read it; null: leave the trace out",
+    )
+
+
+class OpenAIMessagesProjection(_MessagesProjection):
+    type: Literal["openai_messages"]
 
 
 class DPOPreferenceProjection(Strict):
@@ -199,10 +235,9 @@ class DPOPreferenceProjection(Strict):
     score: str = Field(description="score name whose option is 'A' or 'B'")
 
 
-class StructuredMessagesProjection(Strict):
+class StructuredMessagesProjection(_MessagesProjection):
     type: Literal["structured_messages"]
     tools: list[dict[str, Any]] = Field(min_length=1)
-    messages: list[MessageSpec] = Field(min_length=1)
 
 
 Projection = Annotated[
@@ -440,9 +475,9 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 # How a server runs, not what it generates: tuning these after a crash (an OOM, a hang) must not cost the
 # finished shards on resume.
 # (Not `parallel`: llama.cpp splits ctx_size across its slots, so it decides where answers are cut off.)
-OPERATIONAL_SERVE_KEYS = ("host", "startup_timeout_s", "hang_timeout_s", "threads", "max_num_seqs",
-                          "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size",
-                          "vllm_command")  # fmt: skip
+OPERATIONAL_SERVE_KEYS = ("host", "first_start_timeout_s", "startup_timeout_s", "hang_timeout_s", "threads",
+                          "max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size",
+                          "vllm_command", "env")  # fmt: skip
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -36,6 +36,9 @@ class Endpoint:
     api_key_env: str | None
     served_model: str | None = None  # set for provider: local, where the server serves exactly one model
     max_parallel_requests: int = 4
+    # Whether the server takes `chat_template_kwargs` (vLLM, llama.cpp, NVIDIA's API do; a strict OpenAI-compatible
+    # service may refuse an unknown field with HTTP 400, which would lose every row).
+    takes_template_kwargs: bool = True
 
 
 @dataclass
@@ -100,7 +103,11 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
     def add_model(alias: str, model_key: str, extra_body: dict | None = None) -> None:
         spec = recipe.models[model_key]
         params = spec.inference_parameters
-        body = {**(params.extra_body or {}), **(extra_body or {})} or None
+        body = {**(params.extra_body or {}), **(extra_body or {})}
+        if spec.reasoning is not None and endpoint.takes_template_kwargs:
+            # Per request, as the model cards say; a system-prompt switch like /no_think is not honoured by all.
+            kwargs = {**body.get("chat_template_kwargs", {}), "enable_thinking": spec.reasoning == "on"}
+            body["chat_template_kwargs"] = kwargs
         builder.add_model_config(
             dd.ModelConfig(
                 alias=alias,
@@ -113,7 +120,7 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
                     max_tokens=params.max_tokens,
                     timeout=params.timeout,
                     max_parallel_requests=endpoint.max_parallel_requests,
-                    extra_body=body,
+                    extra_body=body or None,
                 ),
             )
         )
@@ -145,11 +152,15 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
                 scores = [dd.Score(name=s.name, description=s.description, options=dict(s.options)) for s in col.scores]
                 builder.add_column(dd.LLMJudgeColumnConfig(**common, scores=scores))
         elif isinstance(col, LLMTextColumn):
+            # With reasoning on, the trace comes back apart from the answer (vLLM's reasoning parser); Data Designer
+            # keeps it in `<name>__reasoning_content`, which the projection puts beside the content.
+            thinks = recipe.models[col.model_alias].reasoning == "on"
             builder.add_column(
                 dd.LLMTextColumnConfig(
-                    name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=col.model_alias
+                    name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=col.model_alias,
+                    extract_reasoning_content=thinks,
                 )
-            )
+            )  # fmt: skip
     return builder
 
 

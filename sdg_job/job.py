@@ -27,7 +27,7 @@ from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_siz
 from sdg_job.progress import JobProgress
 from sdg_job.project import project_rows
 from sdg_job.seeds import file_sha256, read_seed_rows
-from sdg_job.serve import API_KEY_ENV, Server
+from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged
 from sdg_job.store import RunStore, atomic_write, jsonl, unique_records
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
 
@@ -36,9 +36,12 @@ PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
 REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
 
 
-def check_credentials(recipe: Recipe) -> None:
-    """A hosted provider without its key fails before anything is written (an openai-compatible endpoint
-    may legitimately run without one, like a local vLLM started without --api-key)."""
+def check_environment(recipe: Recipe) -> None:
+    """What the recipe needs from the environment, before anything is written: a hosted provider's key (an
+    openai-compatible endpoint may legitimately run without one, like a local vLLM started without --api-key),
+    and, offline, the staged weights of the job's own vLLM servers."""
+    if recipe.provider == "local" and recipe.serve is not None:
+        check_weights_staged(recipe.serve)
     if recipe.provider == "nvidia":
         key_env = recipe.providers["nvidia"].api_key_env
         if key_env and not os.environ.get(key_env):
@@ -48,7 +51,7 @@ def check_credentials(recipe: Recipe) -> None:
 def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
     provider = recipe.providers[recipe.provider]
     key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
-    return Endpoint(provider.endpoint, key_env, None, parallel)
+    return Endpoint(provider.endpoint, key_env, None, parallel, takes_template_kwargs=recipe.provider == "nvidia")
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:
@@ -349,7 +352,7 @@ def _keeping_our_sigterm_handler() -> Iterator[None]:
 def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the manifest. Raises RecipeError (exit 2) when another driver holds the run dir,
     Interrupted (exit 128 + signal) on SIGTERM, SIGINT or SIGHUP, JobError (exit 1) when it cannot finish."""
-    check_credentials(recipe)
+    check_environment(recipe)
     signals = Signals().install()
     try:
         # Before RunStore.open, which may wipe the run dir (--fresh): only the lease holder touches it.
@@ -453,7 +456,7 @@ def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Endpoint]:
 
 def preview(recipe: Recipe, count: int = 3) -> tuple[list[dict], dict[str, int]]:
     """A handful of projected records, generated for real, without touching the output or the run dir."""
-    check_credentials(recipe)
+    check_environment(recipe)
     with tempfile.TemporaryDirectory(prefix="sdg-preview-") as tmp:
         store = RunStore(Path(tmp))
         store.open("preview", True, "preview")

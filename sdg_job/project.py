@@ -42,15 +42,27 @@ def _text(value: Any, reason: str) -> str:
     return value.strip()
 
 
-def _message(spec: MessageSpec, row: dict) -> dict:
+# Thinking that leaked into an answer (a server without a reasoning parser, a template that ignores the switch).
+THINK_TAG = re.compile(r"</?think>")
+REASONING_SUFFIX = "__reasoning_content"  # Data Designer's column for a text column's trace
+
+
+def _message(spec: MessageSpec, row: dict, reasoning_field: str | None = None) -> dict:
     if spec.content is not None:
         return {"role": spec.role, "content": spec.content}
     assert spec.column is not None
-    return {"role": spec.role, "content": _text(row.get(spec.column), f"empty_{spec.role}_content")}
+    content = _text(row.get(spec.column), f"empty_{spec.role}_content")
+    if spec.role == "assistant" and THINK_TAG.search(content):
+        raise InvalidRecord("reasoning_in_content")
+    message = {"role": spec.role, "content": content}
+    trace = row.get(spec.column + REASONING_SUFFIX)
+    if reasoning_field and isinstance(trace, str) and trace.strip():
+        message[reasoning_field] = trace.strip()
+    return message
 
 
 def openai_messages(spec: OpenAIMessagesProjection, row: dict) -> dict:
-    messages = [_message(m, row) for m in spec.messages]
+    messages = [_message(m, row, spec.reasoning_field) for m in spec.messages]
     if not any(m["role"] == "assistant" for m in messages):
         raise InvalidRecord("no_assistant_message")
     return {"messages": messages}
@@ -101,7 +113,7 @@ def structured_messages(spec: StructuredMessagesProjection, row: dict) -> dict:
             msg = _message(m, row)
             messages.append({"role": "tool", "tool_call_id": call_id, "content": msg["content"]})
         else:
-            messages.append(_message(m, row))
+            messages.append(_message(m, row, spec.reasoning_field))
     record = {"messages": messages, "tools": spec.tools}
     check_tool_conversation(record)
     return record

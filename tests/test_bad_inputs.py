@@ -93,6 +93,14 @@ def test_nvidia_provider_without_key_exits_2_before_writing(out_dir: Path) -> No
     assert all_files(out_dir) == []
 
 
+def test_offline_vllm_without_staged_weights_exits_2_before_writing(out_dir: Path, tmp_path: Path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("run", "recipe=default", out_dir=out_dir, env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 is not staged in {tmp_path}/hf/hub" in result.stderr
+    assert all_files(out_dir) == []
+
+
 def test_validate_prints_resolved_recipe_with_secrets_masked(out_dir: Path) -> None:
     env = {"OPENAI_API_KEY": "sk-live-1234567890"}
     result = run_cli("validate", "recipe=customer_support_tools", out_dir=out_dir, env=env)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
+
+import pytest
 
 from sdg_job.config import load_recipe
+from sdg_job.errors import JobError, RecipeError
 from sdg_job.serve import (
     Server,
+    check_weights_staged,
     embedded_model_path,
     llama_server_command,
     server_command,
@@ -21,13 +26,13 @@ def test_vllm_command_from_default_recipe() -> None:
     serve = load_recipe("default").serve
     assert serve is not None
     assert vllm_command(serve, 8123) == [
-        "vllm", "serve", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+        "vllm", "serve", "--model", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
         "--host", "127.0.0.1", "--port", "8123",
         "--served-model-name", "nvidia/nemotron-3-nano-30b-a3b",
         "--tensor-parallel-size", "1", "--data-parallel-size", "8",
         "--max-num-seqs", "256", "--gpu-memory-utilization", "0.9", "--max-model-len", "16384",
         "--trust-remote-code", "--reasoning-parser", "nemotron_v3",
-        "--tool-call-parser", "qwen3_coder", "--enable-auto-tool-choice",
+        "--tool-call-parser", "qwen3_coder", "--enable-auto-tool-choice", "--enable-expert-parallel",
     ]  # fmt: skip
 
 
@@ -65,3 +70,44 @@ def test_a_stopped_server_is_hung_only_after_its_timeout_and_restarts_on_the_sam
         server.restart()  # SIGTERM + SIGCONT: the frozen process exits at once, no 20 s wait for SIGKILL
         assert time.monotonic() - started < 15
         assert server.port == port and server.healthy() and not server.hung() and server.restarts == 1
+
+
+def test_fp8_layer_serves_the_fp8_checkpoint_with_an_fp8_kv_cache(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("defaults: [default, layers/fp8]\n")
+    serve = load_recipe(str(mine)).serve
+    assert serve is not None
+    argv = vllm_command(serve, 8000)
+    assert argv[argv.index("--model") + 1] == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8"
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8"
+    assert "--enable-expert-parallel" in argv and "--reasoning-parser" in argv  # the rest as in the default
+
+
+def test_a_first_start_that_outlasts_its_timeout_names_the_setting(tmp_path: Path) -> None:
+    """A server still loading (here the SIMULATED one, slow to listen, like vLLM fetching ~60 GB) is stopped and
+    the error names the key to raise; a restart is bounded by the other key."""
+    spec = simulator_spec(extra_args=["--startup-s", "60"])
+    spec = spec.model_copy(update={"first_start_timeout_s": 2.0, "startup_timeout_s": 3.0})
+    server = Server(spec, tmp_path / "server.log")
+    with pytest.raises(JobError, match=r"not healthy after 2s \(serve\.first_start_timeout_s\)"):
+        server.start()
+    assert server.process is None
+    server.restarts = 1
+    with pytest.raises(JobError, match=r"not healthy after 3s \(serve\.startup_timeout_s\)"):
+        server.start()
+
+
+def test_offline_weights_must_be_staged_before_any_server_starts(tmp_path: Path, monkeypatch) -> None:
+    serve = load_recipe("default").serve
+    assert serve is not None
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_weights_staged(serve)  # online: vLLM may download (bounded by serve.first_start_timeout_s)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError, match=r"NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 is not staged in .*/hf/hub"):
+        check_weights_staged(serve)
+    snapshot = tmp_path / "hf/hub/models--nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16/snapshots/0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    check_weights_staged(serve)
