@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sdg_job.cli import recipe_and_overrides  # noqa: E402
 from sdg_job.config import apply_overrides, load_recipe  # noqa: E402
+from sdg_job.config.load import read_yaml_mapping  # noqa: E402
 from sdg_job.errors import RecipeError  # noqa: E402
 
 DEFAULT_PROFILE = REPO / "launch" / "profiles" / "example.yaml"
@@ -104,12 +105,13 @@ def load_profile(path: Path, overrides: list[str], executor: str) -> Profile:
     """The cluster profile, with `slurm.…`-style overrides, checked to have the chosen executor's section."""
     if not path.is_file():
         raise RecipeError(str(path), "", "cluster profile not found (--profile or SDG_PROFILE)")
+    cfg = read_yaml_mapping(path, "a cluster profile")
+    apply_overrides(cfg, overrides, str(path))
     try:
-        cfg = OmegaConf.load(path)
-        apply_overrides(cfg, overrides, str(path))
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        raise RecipeError(str(path), "", str(e).splitlines()[0]) from None
+        key = getattr(e, "full_key", "") or ""
+        raise RecipeError(str(path), str(key), f"cannot resolve: {str(e).splitlines()[0]}") from None
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:

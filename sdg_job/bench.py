@@ -321,9 +321,16 @@ def real_server(engine: str, records: int, repeats: int, rows: list[Row], tmp: P
             client_tps.append(rate.sustained())
             env = {"OPENAI_BASE_URL": server.endpoint, "OPENAI_API_KEY": server.api_key}
             # Same requests as the minimal client: the reasoning switch is not sent to provider=openai.
-            args = ["recipe=tiny", "provider=openai", f"models.text.model={model}",
-                    f"models.text.inference_parameters.max_tokens={max_tokens}", f"num_records={records}",
-                    f"generation.shard_size={records}", f"generation.max_parallel_requests={concurrency}"]  # fmt: skip
+            args = [
+                "recipe=tiny",
+                "provider=openai",
+                f"models.text.model={model}",
+                f"models.text.inference_parameters.max_tokens={max_tokens}",
+                f"num_records={records}",
+                f"generation.shard_size={records}",
+                f"generation.max_parallel_requests={concurrency}",
+                "generation.keep_truncated=true",
+            ]  # fmt: skip  (the minimal client keeps every answer too)
             with TokenRate(url, server.api_key, TOKEN_COUNTERS[engine]) as rate:
                 run_job(args, tmp / f"{engine}{i}", env)
             job_tps.append(rate.sustained())

@@ -50,7 +50,11 @@ def _load_secrets_file() -> None:
     path = os.environ.get("SDG_SECRETS_FILE")
     if not path or not Path(path).is_file():
         return
-    for line in Path(path).read_text().splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(path, "SDG_SECRETS_FILE", f"cannot read it as UTF-8 text: {e}") from None
+    for line in text.splitlines():
         key, sep, value = line.strip().removeprefix("export ").partition("=")
         if sep and key and not key.startswith("#"):
             os.environ.setdefault(key.strip(), value.strip().strip("'\""))
@@ -58,9 +62,9 @@ def _load_secrets_file() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parse(sys.argv[1:] if argv is None else argv)
-    _load_secrets_file()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
+        _load_secrets_file()
         ref, overrides = recipe_and_overrides(ns.args)
         recipe = load_recipe(ref, overrides, check=False)
         source = str(resolve_recipe_path(ref))

@@ -20,6 +20,10 @@ results the same (except that a pathologically nested Markdown answer no longer 
    again (an lru_cache keeps no failures), each a network round trip, or a connect timeout where a firewall
    drops packets. One attempt per process; after a failure counting is skipped, which Data Designer handles.
 
+Beside them, one observation the job needs and Data Designer 0.9.7 does not keep: which answers were cut at
+`max_tokens` (`finish_reason: length`). A text cell is only the answer's text, so a cut answer looks complete;
+`cut_answers` collects their texts, and `generate` flags the rows that carry one (they are dropped as `truncated`).
+
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
 skipped with a warning, so an upgrade never runs patched code nobody checked against it.
 """
@@ -36,6 +40,7 @@ log = logging.getLogger("sdg_job.dd_hotpath")
 TESTED_VERSION = "0.9.7"
 _applied: bool | None = None  # None: not tried yet
 tokenizer_error: str | None = None  # why cl100k_base could not be loaded in this process
+cut_answers: set[str] = set()  # stripped texts of answers cut at max_tokens in this process (generate clears it)
 
 
 def apply() -> bool:
@@ -50,6 +55,7 @@ def apply() -> bool:
             _share_ssl_contexts()
             _smaller_connection_pools()
             _one_tokenizer_download_attempt()
+            _note_cut_answers()
         else:
             log.warning("Data Designer %s: hot-path fixes skipped (tested on %s)", found, TESTED_VERSION)
     return _applied
@@ -127,3 +133,24 @@ def _one_tokenizer_download_attempt() -> None:
 
     get_cl100k_base_tokenizer.__wrapped__ = load  # type: ignore[attr-defined]
     token_counting.get_cl100k_base_tokenizer = get_cl100k_base_tokenizer
+
+
+def _note_cut_answers() -> None:
+    from data_designer.engine.models.facade import ModelFacade
+    from data_designer.engine.models.utils import GenerationTruncationReason, classify_generation_truncation_reason
+
+    def note(response: Any) -> Any:
+        if classify_generation_truncation_reason(response) == GenerationTruncationReason.MAX_TOKENS:
+            cut_answers.add((response.message.content or "").strip())  # as Data Designer stores the cell
+        return response
+
+    completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
+
+    def completion_noting_cuts(self, *args, **kwargs):
+        return note(completion(self, *args, **kwargs))
+
+    async def acompletion_noting_cuts(self, *args, **kwargs):
+        return note(await acompletion(self, *args, **kwargs))
+
+    ModelFacade.completion = completion_noting_cuts  # type: ignore[method-assign]
+    ModelFacade.acompletion = acompletion_noting_cuts  # type: ignore[method-assign]

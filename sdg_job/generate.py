@@ -23,6 +23,7 @@ from sdg_job.config import (
     LLMTextColumn,
     Recipe,
     SamplerColumn,
+    StructuredMessagesProjection,
 )
 
 log = logging.getLogger("sdg_job.generate")
@@ -91,6 +92,28 @@ def structured_schema(column: LLMStructuredColumn | LLMJudgeColumn) -> dict[str,
     return model.model_json_schema()
 
 
+def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant per declared tool: its name, and arguments exactly as its parameters declare (nothing else). A
+    column's own schema usually lets any tool take any argument, so a small model calls get_order_status with a
+    `reason`; decoding against this one, it cannot."""
+    variants = []
+    for tool in tools:
+        fn = tool["function"]
+        parameters = {"type": "object", "properties": {}, **(fn.get("parameters") or {}), "additionalProperties": False}
+        variants.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": parameters},
+                         "required": ["name", "arguments"], "additionalProperties": False})  # fmt: skip
+    return {"anyOf": variants}
+
+
+def guided_schema(recipe: Recipe, name: str, column: LLMStructuredColumn | LLMJudgeColumn) -> dict[str, Any]:
+    """What the server decodes a structured column against: the declared tools for the projection's tool-call
+    column, else the column's own schema."""
+    projection = recipe.output_projection
+    if isinstance(projection, StructuredMessagesProjection) and any(m.tool_call == name for m in projection.messages):
+        return tool_call_schema(projection.tools)
+    return structured_schema(column)
+
+
 def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | None):
     """Data Designer config for one shard. Structured and judge columns get a model alias of their own whose
     `extra_body.response_format` carries the column's schema, so the server decodes valid JSON (guided decoding);
@@ -99,8 +122,14 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
     import pandas as pd
 
     builder = dd.DataDesignerConfigBuilder(model_configs=[])
+    # An empty list gets Data Designer's default models (aliases like nvidia-text, which a recipe may use too):
+    # the recipe's models replace them.
+    defaults = {mc.alias for mc in builder.model_configs}
 
     def add_model(alias: str, model_key: str, extra_body: dict | None = None) -> None:
+        if alias in defaults:
+            builder.delete_model_config(alias)
+            defaults.discard(alias)
         spec = recipe.models[model_key]
         params = spec.inference_parameters
         body = {**(params.extra_body or {}), **(extra_body or {})}
@@ -127,6 +156,8 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
 
     for alias in recipe.models:
         add_model(alias, alias)
+    for alias in defaults:
+        builder.delete_model_config(alias)
 
     if seed_rows:
         builder.with_seed_dataset(
@@ -142,7 +173,7 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
             alias = col.model_alias
             if recipe.generation.guided_decoding:
                 alias = f"{col.model_alias}__{name}"
-                schema = structured_schema(col)
+                schema = guided_schema(recipe, name, col)
                 response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
                 add_model(alias, col.model_alias, {"response_format": response_format})
             common = dict(name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=alias)
@@ -162,6 +193,18 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
                 )
             )  # fmt: skip
     return builder
+
+
+TRUNCATED = "__sdg_truncated"  # a row flag the projection reads: an answer in it was cut at max_tokens
+
+
+def flag_cut_answers(recipe: Recipe, rows: list[dict[str, Any]], cut: set[str]) -> None:
+    """Flag rows whose text answers (the columns that reach the record) were cut at max_tokens. An SFT set full of
+    answers that stop mid-word teaches a model to stop mid-word."""
+    texts = [name for name, col in recipe.columns.items() if type(col) is LLMTextColumn and not col.drop]
+    for row in rows:
+        if any(isinstance(row.get(name), str) and row[name].strip() in cut for name in texts):
+            row[TRUNCATED] = True
 
 
 class _TokenCounter:
@@ -185,6 +228,8 @@ def generate(
     from data_designer.engine.models.usage_events import subscribe_token_usage
     from data_designer.interface import DataDesigner
 
+    from sdg_job import dd_hotpath
+
     provider = dd.ModelProvider(name="sdg", endpoint=endpoint.url, api_key=endpoint.api_key_env or "none")
     designer = DataDesigner(artifact_path=work_dir, model_providers=[provider], auto_configure_logging=False)
     # Early shutdown would throw away every good row of the shard when a small model misbehaves; the job
@@ -198,6 +243,7 @@ def generate(
         )
     )
     builder = build_config(recipe, endpoint, seed_rows)
+    dd_hotpath.cut_answers.clear()
     counter = _TokenCounter()
     unsubscribe = subscribe_token_usage(counter)
     try:
@@ -211,6 +257,8 @@ def generate(
     finally:
         unsubscribe()
     failed = max(num_records - len(rows), 0)
+    if not recipe.generation.keep_truncated:
+        flag_cut_answers(recipe, rows, dd_hotpath.cut_answers)
     return GenerationResult(
         rows=rows,
         requested=num_records,

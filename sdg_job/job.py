@@ -26,7 +26,7 @@ from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
 from sdg_job.project import project_rows
-from sdg_job.seeds import file_sha256, read_seed_rows
+from sdg_job.seeds import file_sha256, load_seeds
 from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged
 from sdg_job.store import RunStore, atomic_write, jsonl, unique_records
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
@@ -48,10 +48,26 @@ def check_environment(recipe: Recipe) -> None:
             raise RecipeError("environment", key_env, f"is not set; provider nvidia needs an API key in ${key_env}")
 
 
+def check_output_path(recipe: Recipe, source: str) -> None:
+    """The output's directory (and the run dir beside the output file) can be made and written to: a bad output
+    path is bad input, refused before the lease, Ray or a server. Makes the (empty) run dir; writes no file."""
+    out = recipe.output_path
+    key = "output_dir" if out.parent.is_relative_to(recipe.output_dir) else "output_path"
+    if out.is_dir():
+        raise RecipeError(source, "output_path", f"{out} is a directory; name the output file")
+    try:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=recipe.run_dir):  # unnamed, gone on close: a read-only dir fails here
+            pass
+    except OSError as e:
+        raise RecipeError(source, key, f"cannot create {e.filename or recipe.run_dir}: {e.strerror or e}") from None
+
+
 def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
     provider = recipe.providers[recipe.provider]
     key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
-    return Endpoint(provider.endpoint, key_env, None, parallel, takes_template_kwargs=recipe.provider == "nvidia")
+    hosted_by_nvidia = recipe.provider == "nvidia" or "api.nvidia.com" in provider.endpoint
+    return Endpoint(provider.endpoint, key_env, None, parallel, takes_template_kwargs=hosted_by_nvidia)
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:
@@ -90,7 +106,7 @@ def run_shard(
     result = generate(recipe, endpoint, shard.size, rows, work_dir)
     if server_ok is not None and not server_ok():
         raise ServerUnavailable(f"{endpoint.url} stopped answering during {shard.id}")
-    records, dropped = project_rows(recipe.output_projection, result.rows)
+    records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters)
     dropped.update(result.reasons)
     summary = {
         "shard": shard.id,
@@ -132,8 +148,7 @@ class Job:
         self.recipe, self.source = recipe, source
         self.store = RunStore(recipe.run_dir)
         self.store.open(recipe_hash(recipe), fresh, source, keep=(LEASE_FILE,))
-        self.seed_rows = read_seed_rows(recipe.seed_dataset.path) if recipe.seed_dataset else []
-        self.strategy = recipe.seed_dataset.strategy if recipe.seed_dataset else "ordered"
+        self.seed_rows, self.strategy = load_seeds(recipe.seed_dataset)
         gen = recipe.generation
         self.shards = plan_shards(
             recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed
@@ -353,6 +368,7 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the manifest. Raises RecipeError (exit 2) when another driver holds the run dir,
     Interrupted (exit 128 + signal) on SIGTERM, SIGINT or SIGHUP, JobError (exit 1) when it cannot finish."""
     check_environment(recipe)
+    check_output_path(recipe, source)
     signals = Signals().install()
     try:
         # Before RunStore.open, which may wipe the run dir (--fresh): only the lease holder touches it.
@@ -460,8 +476,7 @@ def preview(recipe: Recipe, count: int = 3) -> tuple[list[dict], dict[str, int]]
     with tempfile.TemporaryDirectory(prefix="sdg-preview-") as tmp:
         store = RunStore(Path(tmp))
         store.open("preview", True, "preview")
-        seed_rows = read_seed_rows(recipe.seed_dataset.path) if recipe.seed_dataset else []
-        strategy = recipe.seed_dataset.strategy if recipe.seed_dataset else "ordered"
+        seed_rows, strategy = load_seeds(recipe.seed_dataset)
         size = min(count, recipe.num_records)
         shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
         with _in_process_server(recipe, store.logs_dir) as endpoint:

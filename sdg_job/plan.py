@@ -2,7 +2,8 @@
 
 Records are numbered 0, 1, 2, …; shard i covers records [i·S, i·S + size). Record r takes seed row
 `order[r mod n]`: for `ordered` the file order, for `shuffle` a permutation seeded by the recipe's random seed
-(a fresh one per pass over the file). So no seed row repeats until every row has been used once.
+(a fresh one per pass over the file). So no seed row repeats until every row has been used once, except with
+`with_replacement`, where each record draws a row at random (seeded by the recipe's random seed and its number).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 import random
 from dataclasses import dataclass
 from typing import Literal
+
+Strategy = Literal["shuffle", "ordered", "with_replacement"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,9 @@ def _seed_for(base: int, *parts: object) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _seed_row(record: int, n_rows: int, strategy: Literal["shuffle", "ordered"], base_seed: int) -> int:
+def _seed_row(record: int, n_rows: int, strategy: Strategy, base_seed: int) -> int:
+    if strategy == "with_replacement":
+        return random.Random(_seed_for(base_seed, "seed-draw", record)).randrange(n_rows)
     epoch, pos = divmod(record, n_rows)
     if strategy == "ordered":
         return pos
@@ -48,9 +53,7 @@ def _seed_row(record: int, n_rows: int, strategy: Literal["shuffle", "ordered"],
     return order[pos]
 
 
-def make_shard(
-    index: int, size: int, shard_size: int, n_seed_rows: int, strategy: Literal["shuffle", "ordered"], base_seed: int
-) -> Shard:
+def make_shard(index: int, size: int, shard_size: int, n_seed_rows: int, strategy: Strategy, base_seed: int) -> Shard:
     start = index * shard_size
     rows: tuple[int, ...] = ()
     if n_seed_rows:
@@ -62,7 +65,7 @@ def plan_shards(
     num_records: int,
     shard_size: int,
     n_seed_rows: int = 0,
-    strategy: Literal["shuffle", "ordered"] = "shuffle",
+    strategy: Strategy = "shuffle",
     base_seed: int = 0,
 ) -> list[Shard]:
     count = math.ceil(num_records / shard_size)

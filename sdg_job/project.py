@@ -5,6 +5,7 @@ A row that cannot become a valid record raises `InvalidRecord(reason)`; callers 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -12,13 +13,17 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import jsonschema
+
 from sdg_job.config import (
     DPOPreferenceProjection,
+    Filter,
     MessageSpec,
     OpenAIMessagesProjection,
     Projection,
     StructuredMessagesProjection,
 )
+from sdg_job.generate import TRUNCATED
 
 
 class InvalidRecord(ValueError):
@@ -61,11 +66,16 @@ def _message(spec: MessageSpec, row: dict, reasoning_field: str | None = None) -
     return message
 
 
+def _with_metadata(record: dict, fields: list[str], row: dict) -> dict:
+    """The recipe's metadata fields (seed fields, samplers, …) beside the training fields, as the step writes them."""
+    return {**record, **{f: row.get(f) for f in fields}}
+
+
 def openai_messages(spec: OpenAIMessagesProjection, row: dict) -> dict:
     messages = [_message(m, row, spec.reasoning_field) for m in spec.messages]
     if not any(m["role"] == "assistant" for m in messages):
         raise InvalidRecord("no_assistant_message")
-    return {"messages": messages}
+    return _with_metadata({"messages": messages}, spec.metadata_fields, row)
 
 
 def dpo_preference(spec: DPOPreferenceProjection, row: dict) -> dict:
@@ -85,14 +95,10 @@ def dpo_preference(spec: DPOPreferenceProjection, row: dict) -> dict:
 
 def _tool_call(value: Any, row_key: str) -> dict:
     """{name, arguments} from a structured column → an OpenAI tool call with JSON-string arguments."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise InvalidRecord("tool_call_not_json") from None
+    value = _json_object(value, "tool_call_not_json")
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise InvalidRecord("tool_call_without_name")
-    args = value.get("arguments", {})
+    args = _json_object(value.get("arguments", {}), "tool_arguments_not_json")
     if isinstance(args, dict):  # drop nulls a schema-constrained model fills optional fields with
         args = {k: v for k, v in args.items() if v is not None}
     arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
@@ -100,10 +106,55 @@ def _tool_call(value: Any, row_key: str) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": value["name"], "arguments": arguments}}
 
 
+def _json_object(value: Any, reason: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise InvalidRecord(reason) from None
+    return value
+
+
+def _openai_form(messages: Any, row_key: str) -> list[dict]:
+    """A conversation as a model writes it → OpenAI form: tool-call `arguments` and tool-message `content` as JSON
+    strings (not nested objects), each call with an id and type, each tool result pointing at its call."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 for m in messages):  # fmt: skip
+        raise InvalidRecord("conversation_not_a_message_list")
+    out, last_call = [], None
+    for m in messages:
+        # Data Designer's table gives every message every key another one has: drop the empty ones.
+        m = {k: v for k, v in m.items() if v is not None or k == "content"}
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"] if isinstance(m["tool_calls"], list) else []
+            m["tool_calls"] = [_tool_call(c.get("function", c) if isinstance(c, dict) else c, row_key) for c in calls]
+            m.setdefault("content", None)
+            last_call = m["tool_calls"][-1]["id"] if m["tool_calls"] else None
+        elif m["role"] == "tool":
+            if not isinstance(m.get("content"), str):
+                m["content"] = json.dumps(m.get("content"), ensure_ascii=False)
+            m.setdefault("tool_call_id", last_call)
+        out.append(m)
+    return out
+
+
+def _from_source(spec: StructuredMessagesProjection, row: dict, row_key: str) -> dict:
+    assert spec.source is not None
+    value = _json_object(row.get(spec.source), "conversation_not_json")
+    if not isinstance(value, dict):
+        raise InvalidRecord("conversation_not_an_object")
+    tools = value.get(spec.tools_key) or spec.tools
+    return {"messages": _openai_form(value.get(spec.messages_key), row_key), "tools": tools}
+
+
 def structured_messages(spec: StructuredMessagesProjection, row: dict) -> dict:
+    row_key = json.dumps(row, sort_keys=True, default=str)
+    if spec.source is not None:
+        record = _from_source(spec, row, row_key)
+        check_tool_conversation(record)
+        return _with_metadata(record, spec.metadata_fields, row)
     messages: list[dict] = []
     call_id = None
-    row_key = json.dumps(row, sort_keys=True, default=str)
     for m in spec.messages:
         if m.tool_call is not None:
             call = _tool_call(row.get(m.tool_call), row_key)
@@ -116,7 +167,34 @@ def structured_messages(spec: StructuredMessagesProjection, row: dict) -> dict:
             messages.append(_message(m, row, spec.reasoning_field))
     record = {"messages": messages, "tools": spec.tools}
     check_tool_conversation(record)
-    return record
+    return _with_metadata(record, spec.metadata_fields, row)
+
+
+def check_arguments(args: dict, parameters: dict) -> None:
+    """A call's arguments against its tool's declared JSON schema (types, enums, required), and nothing the tool does
+    not declare: a model that learns to pass undeclared arguments breaks real tool servers."""
+    missing = set(parameters.get("required", [])) - args.keys()
+    if missing:
+        raise InvalidRecord("tool_arguments_missing_required", ",".join(sorted(missing)))
+    undeclared = args.keys() - set(parameters.get("properties", {}))
+    if undeclared:
+        raise InvalidRecord("tool_arguments_undeclared", ",".join(sorted(undeclared)))
+    try:  # a tool list generated with the conversation may declare no valid schema
+        validator = _validator(json.dumps(parameters, sort_keys=True))
+    except jsonschema.SchemaError:
+        raise InvalidRecord("tool_schema_invalid") from None
+    error = jsonschema.exceptions.best_match(validator.iter_errors(args))
+    if error is not None:
+        where = ".".join(map(str, error.absolute_path)) or "arguments"
+        raise InvalidRecord("tool_arguments_invalid", f"{where}: {error.message}")
+
+
+@functools.lru_cache(maxsize=64)
+def _validator(schema: str) -> jsonschema.protocols.Validator:
+    parameters = json.loads(schema)
+    cls = jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator)
+    cls.check_schema(parameters)
+    return cls(parameters)
 
 
 def check_tool_conversation(record: dict) -> None:
@@ -139,9 +217,7 @@ def check_tool_conversation(record: dict) -> None:
         raise InvalidRecord("tool_arguments_not_json") from None
     if not isinstance(args, dict):
         raise InvalidRecord("tool_arguments_not_an_object")
-    missing = set(fn.get("parameters", {}).get("required", [])) - args.keys()
-    if missing:
-        raise InvalidRecord("tool_arguments_missing_required", ",".join(sorted(missing)))
+    check_arguments(args, fn.get("parameters") or {})
     results = [i for i, m in enumerate(messages) if m["role"] == "tool"]
     if len(results) != 1 or results[0] <= call_index:
         raise InvalidRecord("not_exactly_one_tool_result_after_call")
@@ -164,11 +240,36 @@ PROJECTIONS: dict[str, Callable[[Any, dict], dict]] = {
 }
 
 
-def project_rows(spec: Projection, rows: list[dict]) -> tuple[list[dict], Counter[str]]:
+def failed_filter(filters: list[Filter], row: dict) -> str | None:
+    """The name of the first filter the row does not pass (a missing or non-numeric value does not pass)."""
+    for f in filters:
+        value = row.get(f.column)
+        if f.score is not None:
+            value = value.get(f.score) if isinstance(value, dict) else None
+            value = value.get("score") if isinstance(value, dict) else value  # Data Designer: {score, reasoning}
+        if f.equals is not None and value != f.equals or f.one_of is not None and value not in f.one_of:
+            return f.name
+        if f.min is not None or f.max is not None:
+            try:
+                number = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                return f.name
+            if f.min is not None and number < f.min or f.max is not None and number > f.max:
+                return f.name
+    return None
+
+
+def project_rows(spec: Projection, rows: list[dict], filters: list[Filter] = ()) -> tuple[list[dict], Counter[str]]:  # type: ignore[assignment]
     """Valid records in row order, and the count of dropped rows by reason."""
     fn = PROJECTIONS[spec.type]
     records, dropped = [], Counter[str]()
     for row in rows:
+        if row.get(TRUNCATED):
+            dropped["truncated"] += 1
+            continue
+        if (failed := failed_filter(filters, row)) is not None:
+            dropped[f"filter:{failed}"] += 1
+            continue
         try:
             records.append(fn(spec, row))
         except InvalidRecord as e:

@@ -8,7 +8,7 @@ HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server).
 like an engine loading its weights. `record` appends each request body to a JSONL file (what a test checks the
 client sent). Like a reasoning model behind vLLM's reasoning parser, it thinks unless the request says
 `chat_template_kwargs: {enable_thinking: false}`, and returns the trace as `reasoning` (as vLLM 0.16 and later do),
-apart from the answer.
+apart from the answer. `cut_rate` reports that share of text answers as cut at max_tokens (finish_reason: length).
 
     python -m sdg_job.simulator --port 8000 --slots 64 --seconds-per-token 0.001 --fail-500 0.05
 """
@@ -56,7 +56,8 @@ def schema_instance(schema: dict[str, Any], defs: dict[str, Any], rng: random.Ra
 
 class Simulator:
     def __init__(self, slots: int, seconds_per_token: float, prefill_s: float, faults: dict[str, float],
-                 die_after: int | None, seed: int, record: str | None = None):  # fmt: skip
+                 die_after: int | None, seed: int, record: str | None = None, cut_rate: float = 0.0):  # fmt: skip
+        self.cut_rate = cut_rate  # text answers reported as cut at max_tokens (finish_reason: length)
         self.record = open(record, "a", buffering=1) if record else None  # noqa: SIM115 (lives as long as the server)
         self.slots = asyncio.Semaphore(slots)
         self.seconds_per_token, self.prefill_s = seconds_per_token, prefill_s
@@ -99,6 +100,7 @@ class Simulator:
         else:
             content = f"Simulated answer {self.nonce}-{n}. " + " ".join(["lorem"] * max(0, min(max_tokens, 64) - 5))
         message = {"role": "assistant", "content": content}
+        finish = "length" if not fmt and self.rng.random() < self.cut_rate else "stop"
         if (body.get("chat_template_kwargs") or {}).get("enable_thinking", True):
             message["reasoning"] = f"Simulated thinking {self.nonce}-{n}."
         self.stats["ok"] += 1
@@ -108,7 +110,7 @@ class Simulator:
         return web.json_response({
             "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "simulated"),
-            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            "choices": [{"index": 0, "finish_reason": finish, "message": message}],
             "usage": {"prompt_tokens": 10, "completion_tokens": max_tokens, "total_tokens": 10 + max_tokens},
         })  # fmt: skip
 
@@ -144,12 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-s", type=float, default=0.0, help="wait this long before listening (loading weights)")
     p.add_argument("--record", default=None, help="append each request body to this JSONL file")
+    p.add_argument("--cut-rate", type=float, default=0.0, help="text answers reported cut at max_tokens (length)")
     a = p.parse_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
     async def serve() -> None:
         await asyncio.sleep(a.startup_s)
-        sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record)
+        sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record, a.cut_rate)
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()

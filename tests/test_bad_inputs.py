@@ -65,14 +65,34 @@ CASES = {
         {},
         "output_projection.messages.2.tool_call",
     ),
+    "recipe_is_a_list": (["recipe={tmp}/list.yaml"], {"list.yaml": "- tiny\n"}, "a recipe must be a mapping"),
+    # Each of these ended in a traceback (sampler=1: in an error without its key) until issue 12; most were found by
+    # tests/test_fuzz.py.
+    "recipe_not_utf8": (["recipe={tmp}/latin1.yaml"], {"latin1.yaml": b"defaults: [tiny]\nname: caf\xe9\n"}, "UTF-8"),
+    "override_indexes_a_list_by_name": (["output_projection.messages.user=x"], {}, "output_projection.messages.user"),
+    "output_dir_of_unknown_user": (["output_dir=~nosuchuser/out"], {}, "output_dir"),
+    "unknown_key_named_like_a_column_type": (["sampler=1"], {}, "tiny.yaml: sampler: Extra inputs"),
+    "step_shape_params_not_a_mapping": (
+        ["recipe={tmp}/step.yaml"],
+        {"step.yaml": "defaults: [tiny]\ncolumns:\n  - {name: tone, type: category, params: 3}\n"},
+        "columns.0.params",
+    ),
+    "step_shape_model_provider_not_a_name": (
+        ["recipe={tmp}/step.yaml"],
+        {"step.yaml": "defaults: [tiny]\nmodels:\n  - {alias: text, model: m, provider: [local]}\n"},
+        "models.text.provider",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_and_writes_nothing(case: str, tmp_path: Path, out_dir: Path) -> None:
     args, files, must_mention = CASES[case]
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            (tmp_path / name).write_text(content)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a.startswith("recipe=") for a in args):
         args = ["recipe=tiny", *args]

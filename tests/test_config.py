@@ -35,7 +35,7 @@ def test_tiny_inherits_default_and_overrides_size_and_server() -> None:
     assert tiny.num_records == 10 and default.num_records == 1000
     assert tiny.serve is not None and tiny.serve.engine == "llama_cpp" and tiny.serve.model == "embedded"
     assert default.serve is not None and default.serve.engine == "vllm"
-    assert tiny.models["text"].inference_parameters.max_tokens == 96
+    assert tiny.models["text"].inference_parameters.max_tokens == 256
     tiny_params, default_params = tiny.models["text"].inference_parameters, default.models["text"].inference_parameters
     assert tiny_params.temperature == default_params.temperature
 

@@ -107,7 +107,8 @@ def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: 
     recipe = cpu_recipe(
         tmp_path,
         "rl_pref",
-        "num_records: 4\nmodels:\n  precise: {inference_parameters: {max_tokens: 96}}\n"
+        "num_records: 4\ngeneration: {keep_truncated: true}\n"
+        "models:\n  precise: {inference_parameters: {max_tokens: 96}}\n"
         "  creative: {inference_parameters: {max_tokens: 96}}\n  judge: {inference_parameters: {max_tokens: 96}}\n",
     )
     result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
@@ -126,7 +127,8 @@ def test_customer_support_tools_gives_exact_count_of_valid_tool_conversations(tm
     recipe = cpu_recipe(
         tmp_path,
         "customer_support_tools",
-        "num_records: 3\ngeneration: {budget: 10}\nmodels:\n  text: {inference_parameters: {max_tokens: 128}}\n"
+        "num_records: 3\ngeneration: {budget: 10, keep_truncated: true}\n"
+        "models:\n  text: {inference_parameters: {max_tokens: 128}}\n"
         "  structured: {inference_parameters: {max_tokens: 128}}\n",
     )
     result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
@@ -151,7 +153,7 @@ def test_invalid_records_are_counted_and_the_budget_stops_the_run(tmp_path: Path
     recipe = cpu_recipe(
         tmp_path,
         "rl_pref",
-        "num_records: 3\ngeneration: {budget: 2, shard_size: 3}\n"
+        "num_records: 3\ngeneration: {budget: 2, shard_size: 3, keep_truncated: true}\n"
         "models:\n  precise: {inference_parameters: {temperature: 0.0, top_p: 1.0, max_tokens: 24}}\n"
         "columns:\n  response_b: {model_alias: precise, system_prompt: "
         "'You are a helpful assistant. Answer accurately and concisely.'}\n",

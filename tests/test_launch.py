@@ -158,6 +158,36 @@ def test_profile_keys_can_be_overridden_on_the_command_line(tmp_path: Path) -> N
     assert "Traceback" not in no_ssh.stderr
 
 
+BAD_PROFILES = {
+    # name: (profile file's content, text the error must contain)
+    "malformed_yaml": ("slurm: [unclosed\n", "not valid YAML"),
+    "unknown_key": ("local: {job_dir: ./j, colour: blue}\n", "local.colour: Extra inputs"),
+    "wrong_type": ("slurm: {account: a, partition: b, job_dir: /x, container_image: i, nodes: many}\n", "slurm.nodes"),
+    "a_list": ("- slurm\n- local\n", "a cluster profile must be a mapping"),
+    "not_utf8": (b"local: {job_dir: caf\xe9}\n", "not UTF-8"),
+    "unresolvable": ("local: {job_dir: '${oc.env:SURELY_UNSET_VAR_42}'}\n", "local.job_dir: cannot resolve"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROFILES))
+def test_bad_profile_exits_2_naming_the_file_and_key(case: str, tmp_path: Path) -> None:
+    content, must_mention = BAD_PROFILES[case]
+    profile = tmp_path / "bad profile.yaml"
+    if isinstance(content, bytes):
+        profile.write_bytes(content)
+    else:
+        profile.write_text(content)
+    env = {k: v for k, v in os.environ.items() if k != "SDG_OUTPUT_DIR"} | {"NEMORUN_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "run.py"), "--profile", str(profile), "--dryrun", "recipe=tiny"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: {profile}: " in result.stderr and must_mention in result.stderr, result.stderr
+    assert all_files(tmp_path) == [profile]
+
+
 def test_docker_dryrun_shows_image_gpus_mounts_env_names_and_command(tmp_path: Path) -> None:
     result = launch(tmp_path, "--executor", "docker", "--dryrun", "recipe=default", "provider=openai")
     assert result.returncode == 0, result.stderr[-3000:]

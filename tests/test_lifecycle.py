@@ -23,8 +23,9 @@ from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, w
 
 # Long enough to signal mid-run: 8 shards of 3 records, two in flight at a time.
 N = 24
+# Short answers keep it fast; the cut ones are kept (the truncation gate is not what these tests are about).
 ARGS = ("run", "recipe=tiny", f"num_records={N}", "generation.shard_size=3", "generation.workers_per_node=2",
-        "models.text.inference_parameters.max_tokens=48")  # fmt: skip
+        "models.text.inference_parameters.max_tokens=48", "generation.keep_truncated=true")  # fmt: skip
 RUN_DIR = ".tiny.run"
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sdg_job.config import load_recipe
-from sdg_job.project import InvalidRecord, check_tool_conversation, project_rows
+from sdg_job.project import InvalidRecord, check_arguments, check_tool_conversation, project_rows
 
 SFT = load_recipe("tiny").output_projection
 DPO = load_recipe("rl_pref").output_projection
@@ -77,6 +77,12 @@ def test_structured_messages_builds_an_openai_tool_conversation() -> None:
         ({"tool_call": {"name": "get_order_status", "arguments": "[1, 2]"}}, "tool_arguments_not_an_object"),
         ({"tool_call": {"name": "get_order_status", "arguments": "{oops"}}, "tool_arguments_not_json"),
         ({"tool_call": {"arguments": {}}}, "tool_call_without_name"),
+        # seen on a real 135M run: an argument the tool does not declare
+        (
+            {"tool_call": {"name": "get_order_status", "arguments": {"order_id": "1", "reason": "late"}}},
+            "tool_arguments_undeclared",
+        ),
+        ({"tool_call": {"name": "get_order_status", "arguments": {"order_id": 10231}}}, "tool_arguments_invalid"),
         ({"final_answer": "## Update\n**Good news**: it ships today."}, "markdown_in_chat_content"),
         ({"final_answer": "- step one\n- step two"}, "markdown_in_chat_content"),
         ({"final_answer": ""}, "empty_assistant_content"),
@@ -101,3 +107,18 @@ def test_tool_conversation_checks_ids_order_and_final_answer() -> None:
     two_calls["messages"].insert(2, two_calls["messages"][2])
     with pytest.raises(InvalidRecord, match="not_exactly_one_tool_call"):
         check_tool_conversation(two_calls)
+
+
+def test_tool_arguments_are_checked_against_the_declared_schema() -> None:
+    parameters = {
+        "type": "object",
+        "properties": {"order_id": {"type": "string", "pattern": "^ORD-"}, "speed": {"enum": ["standard", "express"]}},
+        "required": ["order_id"],
+    }
+    check_arguments({"order_id": "ORD-1", "speed": "express"}, parameters)
+    with pytest.raises(InvalidRecord, match="tool_arguments_invalid: speed: 'overnight' is not one of"):
+        check_arguments({"order_id": "ORD-1", "speed": "overnight"}, parameters)
+    with pytest.raises(InvalidRecord, match="tool_arguments_invalid: order_id: '1' does not match"):
+        check_arguments({"order_id": "1"}, parameters)
+    with pytest.raises(InvalidRecord, match="tool_schema_invalid"):
+        check_arguments({"order_id": "1"}, {"type": "object", "properties": {"order_id": {"type": 12}}})

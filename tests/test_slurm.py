@@ -22,8 +22,9 @@ CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
 SECRET = "nvapi-SENTINEL-slurm-0123456789"
 N = 30
 # Two llama-servers share this machine's two cores: one thread each (see tests/test_scale_out.py).
+# Short answers keep it fast; the cut ones are kept (the truncation gate is not what these tests are about).
 JOB = ("recipe=tiny", f"num_records={N}", "generation.shard_size=5", "serve.threads=1",
-       "models.text.inference_parameters.max_tokens=48")  # fmt: skip
+       "models.text.inference_parameters.max_tokens=48", "generation.keep_truncated=true")  # fmt: skip
 PROFILE = """
 slurm:
   account: test

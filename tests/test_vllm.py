@@ -51,7 +51,7 @@ def test_tiny_on_vllm_survives_a_killed_server(vllm_home: str, tmp_path: Path, o
     """Exactly N records from a real vLLM; its /v1 refuses a request without the job's key (401); SIGKILL of the
     vLLM process mid-run is noticed by the node's watchdog, which starts it again, and the job ends exactly N."""
     marker = uuid.uuid4().hex
-    recipe = vllm_recipe(tmp_path, "tiny", "num_records: 20\n")
+    recipe = vllm_recipe(tmp_path, "tiny", "num_records: 20\ngeneration: {keep_truncated: true}\n")
     env = {"SDG_VLLM_CPU_HOME": vllm_home, "SDG_TEST_RUN": marker}
     proc = start_cli("run", f"recipe={recipe}", out_dir=out_dir, env=env)
     try:
@@ -91,7 +91,7 @@ def test_tool_calling_recipe_on_vllm_with_guided_decoding(vllm_home: str, tmp_pa
     recipe = vllm_recipe(
         tmp_path,
         "customer_support_tools",
-        "num_records: 4\ngeneration: {budget: 10, shard_size: 4}\nmodels:\n"
+        "num_records: 4\ngeneration: {budget: 10, shard_size: 4, keep_truncated: true}\nmodels:\n"
         "  text: {inference_parameters: {max_tokens: 128}}\n  structured: {inference_parameters: {max_tokens: 160}}\n",
     )
     result = run_cli("run", f"recipe={recipe}", out_dir=out_dir, env={"SDG_VLLM_CPU_HOME": vllm_home}, timeout=1500)

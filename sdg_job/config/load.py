@@ -1,0 +1,228 @@
+"""Recipe files + overrides → validated `Recipe`.
+
+OmegaConf does the YAML work (`defaults:` inheritance, `${oc.env:…}` interpolation, `key=value` overrides);
+the schema holds the strict model; `checks.check_recipe` runs the cross-checks that need more than one field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import ValidationError
+
+from sdg_job.config import step_shape
+from sdg_job.config.checks import check_recipe
+from sdg_job.config.schema import UNION_TAGS, Recipe
+from sdg_job.config.secrets import refuse_secret_values
+from sdg_job.errors import RecipeError
+
+RECIPES_DIR = Path(os.environ.get("SDG_RECIPES_DIR", Path(__file__).resolve().parents[2] / "recipes"))
+
+
+def resolve_recipe_path(ref: str) -> Path:
+    """`tiny` → recipes/tiny.yaml; anything with a slash or .yaml suffix is a path."""
+    if "/" in ref or ref.endswith((".yaml", ".yml")):
+        return _full_path(ref, "command line", "recipe")
+    return RECIPES_DIR / f"{ref}.yaml"
+
+
+def _full_path(path: str | Path, source: str, key: str) -> Path:
+    """`~` expanded, absolute; a path that cannot be (`~nosuchuser/…`, a NUL byte) is bad input, not a crash."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise RecipeError(source, key, f"not a usable path {str(path)!r}: {e}") from None
+
+
+def read_yaml_mapping(path: Path, what: str = "a recipe") -> DictConfig:
+    """One YAML file that must hold a mapping; any way it cannot be read is bad input naming the file."""
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise RecipeError(str(path), "", f"not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(str(path), "", f"not UTF-8 text (byte 0x{e.object[e.start]:02x}): save it as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(str(path), "", f"cannot read it: {e.strerror}") from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(str(path), "", f"{what} must be a mapping")
+    return cfg
+
+
+def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one recipe file, merging the files its `defaults:` list names underneath it."""
+    if path in chain:
+        raise RecipeError(str(path), "defaults", f"inheritance cycle: {' -> '.join(map(str, (*chain, path)))}")
+    if not path.is_file():
+        raise RecipeError(str(path), "", "recipe not found" + (f" (from {chain[-1]})" if chain else ""))
+    cfg = read_yaml_mapping(path)
+    raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
+    replaced: set[str] = set()
+    if step_shape.is_step_shape(raw):  # the Nemotron step's shape: read into ours, file by file
+        refuse_secret_values(raw, str(path))  # in the user's own key names (providers.0.api_key)
+        translated, replaced = step_shape.translate(raw, str(path))
+        cfg = OmegaConf.create(translated)
+    seed = cfg.get("seed_dataset")
+    if isinstance(seed, DictConfig) and "path" in seed and not OmegaConf.is_interpolation(seed, "path"):
+        raw = seed.path
+        if isinstance(raw, str) and not raw.startswith("~") and not Path(raw).is_absolute():
+            seed.path = str(_full_path(path.parent / raw, str(path), "seed_dataset.path"))  # relative to this file
+    parents = cfg.pop("defaults", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, (list, ListConfig)) or not all(isinstance(p, str) and p for p in parents):
+        raise RecipeError(str(path), "defaults", "must be a list of recipe names or paths")
+    merged: DictConfig = OmegaConf.create({})
+    for parent in parents:
+        # Next to the including file first, then the built-in recipes: `defaults: [default, layers/cpu]`.
+        name = str(parent) if str(parent).endswith((".yaml", ".yml")) else f"{parent}.yaml"
+        parent_path = path.parent / name
+        if not parent_path.is_file() and (RECIPES_DIR / name).is_file():
+            parent_path = RECIPES_DIR / name
+        parent_path = _full_path(parent_path, str(path), "defaults")  # a NUL byte in a name: bad input
+        merged = _merge(merged, _load_yaml(parent_path, (*chain, path)), parent_path)
+    for section in replaced & set(merged.keys()):  # a list in the step's shape replaces the parent's section
+        del merged[section]
+    _drop_retyped(merged, cfg)
+    return _merge(merged, cfg, path)
+
+
+def _merge(base: DictConfig, child: DictConfig, path: Path) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, child)  # type: ignore[return-value]
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        clashes = list(_clashes(OmegaConf.to_container(base), OmegaConf.to_container(child))) or [("", str(e))]
+        key = clashes[0][0] if len(clashes) == 1 else ""
+        detail = clashes[0][1] if key else "; ".join(f"{k}: {what}" for k, what in clashes)
+        hint = "write the section in the parent's form, or set it to null first to drop the parent's"
+        raise RecipeError(str(path), key, f"cannot merge over its parent: {detail} ({hint})") from None
+
+
+def _clashes(base: Any, child: Any, prefix: str = ""):
+    """Keys where a child gives a list over a mapping (or the other way round): OmegaConf cannot merge those."""
+    if isinstance(base, dict) and isinstance(child, dict):
+        for key in child.keys() & base.keys():
+            yield from _clashes(base[key], child[key], f"{prefix}.{key}" if prefix else str(key))
+        return
+    kinds: dict[type, str] = {dict: "a mapping", list: "a list"}
+    old, new = kinds.get(type(base)), kinds.get(type(child))
+    if (old or new) and old != new and base is not None and child is not None:
+        yield prefix, f"{new or 'a value'} over {old or 'a value'}"
+
+
+def _drop_retyped(base: DictConfig, child: DictConfig) -> None:
+    """A child that changes an entry's `type` replaces the entry instead of merging into it."""
+    pairs = [(base, child, "output_projection")]
+    if isinstance(base.get("columns"), DictConfig) and isinstance(child.get("columns"), DictConfig):
+        pairs += [(base.columns, child.columns, name) for name in child.columns]
+    for parent, kid, key in pairs:
+        old, new = parent.get(key), kid.get(key)
+        if (
+            isinstance(old, DictConfig)
+            and isinstance(new, DictConfig)
+            and new.get("type", old.get("type")) != old.get("type")
+        ):
+            del parent[key]
+
+
+def parse_overrides(overrides: list[str], source: str) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
+            raise RecipeError(source, item, "overrides must look like key=value (nested keys with dots)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def apply_overrides(cfg, overrides, source: str) -> None:
+    """key=value pairs onto an OmegaConf tree, in place; a bad one names the file it was meant for and its key."""
+    for key, value in parse_overrides(list(overrides), source):
+        try:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        except (OmegaConfBaseException, TypeError, ValueError, LookupError) as e:  # e.g. a name as a list's index
+            raise RecipeError(source, key, f"cannot apply override: {e}") from None
+        except RecursionError:
+            raise RecipeError(source, key, "cannot apply override: the value refers to itself (a YAML alias)") from None
+
+
+def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Recipe:  # type: ignore[assignment]
+    """The one entry point: file + overrides → validated, cross-checked Recipe."""
+    path = resolve_recipe_path(ref)
+    source = str(path)
+    cfg = _load_yaml(path)
+    apply_overrides(cfg, overrides, source)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        raise RecipeError(source, str(key), f"cannot resolve: {str(e).splitlines()[0]}") from None
+    assert isinstance(data, dict)
+    for section in ("models", "columns"):  # `name: null` removes an inherited entry
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if v is not None}
+    refuse_secret_values(data, source)
+    if "provider" not in data:
+        data["provider"] = _one_provider(data, source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(source, *_problems(e)) from None
+    if not recipe.name:
+        recipe = recipe.model_copy(update={"name": recipe.output_path.stem})
+    recipe = _absolutize(recipe, path)
+    if check:
+        check_recipe(recipe, source)
+    return recipe
+
+
+def _problems(error: ValidationError) -> tuple[str, str]:
+    """(key, message) of a validation error: the key when there is one problem, else every problem on its line."""
+    found = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        # The tag pydantic inserts after a union (columns.NAME.<tag>, output_projection.<tag>), not a key named so.
+        at = {"columns": 2, "output_projection": 1}.get(loc[0]) if loc else None
+        if at is not None and len(loc) > at and loc[at] in UNION_TAGS:
+            del loc[at]
+        found.append((".".join(loc), err["msg"]))
+    if len(found) == 1:
+        return found[0]
+    return "", f"{len(found)} problems:\n" + "\n".join(f"  {loc}: {msg}" for loc, msg in found)
+
+
+def _one_provider(data: dict, source: str) -> str | None:
+    """The step names a provider per model, and no recipe-wide one; the job sends all of a recipe's models to one."""
+    models = data["models"] if isinstance(data.get("models"), dict) else {}
+    named = {alias: m.get("provider") for alias, m in models.items() if isinstance(m, dict)}
+    named = {alias: p for alias, p in named.items() if p and isinstance(p, str)}  # others: the schema's to refuse
+    if len(set(named.values())) == 1:
+        return next(iter(named.values()))
+    if len(set(named.values())) > 1:
+        listed = ", ".join(f"{alias}: {p}" for alias, p in named.items())
+        raise RecipeError(source, "provider", f"the models name different providers ({listed}); sdg-job sends all of a "
+                          "recipe's models to one: set provider=<name>")  # fmt: skip
+    return None
+
+
+def _absolutize(recipe: Recipe, path: Path) -> Recipe:
+    """Relative output paths (and interpolated seed paths) are relative to the working directory."""
+    source = str(path)
+    update: dict[str, Any] = {
+        "output_dir": _full_path(recipe.output_dir, source, "output_dir"),
+        "output_path": _full_path(recipe.output_path, source, "output_path"),
+    }
+    if recipe.seed_dataset is not None:
+        seed_path = _full_path(recipe.seed_dataset.path, source, "seed_dataset.path")
+        update["seed_dataset"] = recipe.seed_dataset.model_copy(update={"path": seed_path})
+    return recipe.model_copy(update=update)

