@@ -110,11 +110,15 @@ def check_weights_staged(spec: ServeSpec) -> None:
     env = {**os.environ, **spec.env}
     if spec.engine != "vllm" or env.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
         return
-    if spec.model.startswith(("/", ".", "~")):
-        if not Path(spec.model).expanduser().is_dir():
+    try:
+        local = Path(spec.model).expanduser() if spec.model.startswith(("/", ".", "~")) else None
+        cache = hub_cache(env)
+    except RuntimeError as e:  # ~nosuchuser
+        raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"serve.model / HF_HOME: {e}") from None
+    if local is not None:
+        if not local.is_dir():
             raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"serve.model {spec.model} is not a directory")
         return
-    cache = hub_cache(env)
     if not any((cache / f"models--{spec.model.replace('/', '--')}" / "snapshots").glob("*/config.json")):
         stage = f"stage it once on shared storage: HF_HOME={cache.parent} hf download {spec.model}"
         message = f"serve.model {spec.model} is not staged in {cache}; {stage}"

@@ -197,7 +197,8 @@ def test_the_job_in_the_image_starts_vllm_from_the_images_own_environment(engine
     (log,) = (out / "sdg" / ".tiny.run" / "logs").glob("server-*.log")
     text = log.read_text()
     assert re.search(r"vllm stand-in 0\.33\.0\+standin: python=/opt/venv/bin/python3 mcp=2\.\d+\.\d+ "
-                     r"VLLM_API_KEY=set CUDA_VISIBLE_DEVICES=0 argv=\['serve', 'org/model', '--host', '127\.0\.0\.1'",
+                     r"VLLM_API_KEY=set CUDA_VISIBLE_DEVICES=0 "
+                     r"argv=\['serve', '--model', 'org/model', '--host', '127\.0\.0\.1'",
                      text), text  # fmt: skip
 
 

@@ -61,7 +61,8 @@ def test_tiny_manifest_has_provenance_and_counts(tiny_run) -> None:
     (server,) = manifest["servers"]
     assert server["engine"] == "llama_cpp" and "--alias" in server["argv"]
     assert manifest["tokens"]["output"] > 0 and manifest["wall_time_s"] > 0
-    assert manifest["attempted"] - manifest["records"] == sum(manifest["dropped"].values())
+    # Every attempted record is valid or dropped by reason (a top-up may make a few more valid than needed).
+    assert manifest["attempted"] - sum(manifest["dropped"].values()) == sum(s["valid"] for s in manifest["shards"])
     assert sum(s["valid"] for s in manifest["shards"]) >= 10
     cpu = manifest["client_cpu"]  # each worker loads Data Designer once; the per-record cost leaves that out
     assert cpu["seconds"]["worker_engine_load"] > 0 and cpu["seconds"]["shards"] > 0
