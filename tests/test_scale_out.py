@@ -178,7 +178,8 @@ def test_http_errors_are_counted_and_topped_up(out_dir: Path, tmp_path: Path) ->
         assert stats["errors"].get("400", 0) >= 1 and stats["errors"].get("500", 0) >= 1
         # 400s are not retryable: those rows are dropped, counted, and replaced by top-up shards
         assert manifest["dropped"]["generation_failed"] >= 1
-        assert manifest["attempted"] == 40 + sum(manifest["dropped"].values())
+        # every attempted row is valid or dropped by reason; a top-up may make a few more valid rows than needed
+        assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 40
 
 
 def test_a_node_with_too_few_gpus_for_its_server_stops_the_job_with_both_numbers(two_nodes, out_dir: Path) -> None:
