@@ -2,11 +2,12 @@
 in one run, against the SIMULATED capacity-limited server (sdg_job.simulator) or a real server: the embedded
 llama.cpp, and (full size only) vLLM's CPU build serving the same model.
 
-    python -m sdg_job.bench            # full size, ~10 min on 2 cores
+    python -m sdg_job.bench            # full size, ~25 min on 2 cores
     python -m sdg_job.bench --quick    # smoke size (CI)
 
 Prints a table and ends with one summary line of the ratios. Targets: saturation >= 0.95 of capacity at C=256,
-real server >= 0.90 of a minimal async client, scale-out >= 0.90 at K=8, client cost <= 5 ms CPU per record.
+real server >= 0.90 of a minimal async client, scale-out >= 0.90 at K=8, client cost <= 5 ms CPU per record,
+driver peak RSS at 200k records <= 1.2 x at 10k, merge >= 50 MB/s.
 """
 
 from __future__ import annotations
@@ -377,13 +378,35 @@ def scale_out(ks: list[int], per_node_records: int, rows: list[Row], tmp: Path) 
     return efficiency(ks[-1])
 
 
+def driver_memory(sizes: list[int], rows: list[Row], tmp: Path) -> dict[str, float]:
+    """The driver's peak RSS and the merge's throughput as the dataset grows (the default recipe's shape, served
+    by a fast simulated server). Returns the RSS ratio largest ÷ smallest and the merge MB/s at the largest."""
+    rss: dict[int, float] = {}
+    mb_per_s = 0.0
+    for n in sizes:
+        out = tmp / f"memory{n}"
+        manifest, _ = run_job(simulated_serve(256, 0.0005, 32, n, 1000), out)
+        rss[n] = manifest["driver_peak_rss_mb"]
+        size_mb = sum((out / name).stat().st_size for name in manifest["output_files"]) / 1e6
+        merge_s = manifest["timings_s"]["merge"]
+        mb_per_s = size_mb / max(merge_s, 1e-3)
+        rows.append(Row("driver memory", f"peak RSS of the driver, {n:,} records", rss[n], "MB", rss[n] / rss[sizes[0]],
+                        f"÷ at {sizes[0]:,}; {manifest['wall_time_s']:.0f} s run"))  # fmt: skip
+        rows.append(Row("merge", f"{n:,} records, {size_mb:.1f} MB of output", mb_per_s, "MB/s", None,
+                        f"{merge_s:.2f} s; {1e6 * size_mb / n:.0f} bytes/record"))  # fmt: skip
+    return {
+        f"driver RSS {sizes[-1] // 1000}k/{sizes[0] // 1000}k": rss[sizes[-1]] / rss[sizes[0]],
+        "merge MB/s": mb_per_s,
+    }
+
+
 # ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdg_job.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size, as CI runs it")
-    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,real,vllm,scaleout")
+    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,real,vllm,scaleout,memory")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     rows: list[Row] = []
@@ -427,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
             ks = [1, 2] if a.quick else [1, 2, 4, 8]
             console.log(f"scale-out K={ks} …")
             summary[f"scale-out K={ks[-1]}"] = scale_out(ks, 40 if a.quick else 200, rows, tmp)
+
+        if "memory" not in skip:
+            counts = [1_000, 5_000] if a.quick else [10_000, 200_000]
+            console.log(f"driver memory and merge at {counts} records …")
+            summary |= driver_memory(counts, rows, tmp)
 
     table = Table(title="sdg-job benchmarks (ratios measured side by side in this run)")
     for col in ("measure", "setting", "value", "unit", "ratio", "note"):

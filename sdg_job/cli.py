@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         job.check_environment(recipe)
         manifest = job.run(recipe, source, fresh=ns.fresh)
+        files = recipe.output_files
+        where = str(files[0]) if len(files) == 1 else f"{len(files)} files: {files[0]} … {files[-1].name}"
         print(
-            f"wrote {manifest['records']} records to {manifest['output_path']}\n"
+            f"wrote {manifest['records']} records to {where}\n"
             f"manifest: {recipe.manifest_path}\n"
             f"dropped: {manifest['dropped'] or 'none'}; {manifest['wall_time_s']} s"
         )

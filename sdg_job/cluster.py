@@ -24,6 +24,8 @@ from sdg_job.errors import JobError, RecipeError
 from sdg_job.generate import Endpoint
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe
+from sdg_job.shard import run_shard
+from sdg_job.store import RunStore
 
 NODE_RESOURCE = "sdg_node"
 log = logging.getLogger("sdg_job")
@@ -121,9 +123,6 @@ class NodeServer:
 @ray.remote(num_cpus=1, max_retries=0)
 def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: Endpoint, api_key: str | None,
                run_dir: str, attempt: int) -> dict:  # fmt: skip
-    from sdg_job.job import run_shard
-    from sdg_job.store import RunStore
-
     if api_key:
         os.environ[API_KEY_ENV] = api_key
     check = (lambda: answers_health(endpoint.url.removesuffix("/v1"))) if endpoint.served_model else None
@@ -162,6 +161,7 @@ class Node:
         return self.lost is None and not self.recovering and self.inflight < self.slots
 
     def submit(self, recipe: Recipe, shard: Shard, seed_rows: list[dict], run_dir: Path, attempt: int):
+        """Run `shard` (with its own `seed_rows`) on this node; returns the task's reference."""
         self.inflight += 1
         options: dict[str, Any] = {}
         if self.node_id:

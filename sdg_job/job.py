@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import math
 import os
 import platform
-import shutil
+import re
+import resource
 import signal
 import tempfile
 import time
@@ -17,18 +20,19 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from sdg_job.card import SHOWN, Columns, dataset_card, is_card_of, merge_columns
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
-from sdg_job.errors import Interrupted, JobError, RecipeError, ServerUnavailable
-from sdg_job.generate import Endpoint, generate, load_engine
+from sdg_job.errors import Interrupted, JobError, RecipeError
+from sdg_job.generate import Endpoint
 from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
-from sdg_job.project import project_rows
 from sdg_job.seeds import file_sha256, load_seeds
 from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged
-from sdg_job.store import RunStore, atomic_write, jsonl, unique_records
+from sdg_job.shard import run_shard
+from sdg_job.store import RunStore, atomic_write
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
 
 log = logging.getLogger("sdg_job")
@@ -88,49 +92,6 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
 
 
-def run_shard(
-    recipe: Recipe,
-    shard: Shard,
-    seed_rows: list[dict],
-    endpoint: Endpoint,
-    store: RunStore,
-    attempt: int = 0,
-    server_ok: Callable[[], bool] | None = None,
-    node_id: str | None = None,
-) -> dict:
-    """Generate, project and commit one shard; returns its summary. Commits nothing if the server died."""
-    engine_load_cpu = load_engine()
-    started, cpu_started = time.monotonic(), time.process_time()
-    work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
-    rows = [seed_rows[i] for i in shard.seed_rows] if seed_rows else None
-    result = generate(recipe, endpoint, shard.size, rows, work_dir)
-    if server_ok is not None and not server_ok():
-        raise ServerUnavailable(f"{endpoint.url} stopped answering during {shard.id}")
-    records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters)
-    dropped.update(result.reasons)
-    summary = {
-        "shard": shard.id,
-        "requested": shard.size,
-        "generated": len(result.rows),
-        "valid": len(records),
-        "dropped": dict(dropped),
-        "input_tokens": result.input_tokens,
-        "output_tokens": result.output_tokens,
-        "seconds": round(time.monotonic() - started, 3),
-        "cpu_s": round(time.process_time() - cpu_started, 3),  # this worker process, all its threads
-        "engine_load_cpu_s": round(engine_load_cpu, 3),  # once per worker process
-        "retries": attempt,
-        "random_seed": shard.random_seed,
-        "endpoint": endpoint.url,
-        "worker": f"{os.uname().nodename}:{os.getpid()}",
-        "node_id": node_id,
-        "error": result.error,
-    }
-    store.commit(shard.id, records, summary)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return summary
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -153,7 +114,7 @@ class Job:
         self.shards = plan_shards(
             recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed
         )
-        self.summaries = self.store.summaries()
+        self.summaries = self.store.load_committed()  # the store's index: updated as shards commit
         # A previous run may have topped up: its committed extra shards belong to this plan too. Top-ups run in
         # parallel, so one in flight when the driver died leaves a gap in the ids; new top-ups go past the largest.
         planned = {s.id for s in self.shards}
@@ -174,21 +135,25 @@ class Job:
     def top_up(self, parallel: int) -> list[Shard]:
         """Shards that cover the gap to num_records (plan.top_up_sizes); empty when num_records are committed."""
         n, gen = self.recipe.num_records, self.recipe.generation
-        records, dupes = unique_records(self.store, [s.id for s in self.shards], limit=n)
-        if len(records) >= n:
+        unique, dupes = self.store.unique_count(self.committed_ids(), limit=n)
+        if unique >= n:
             return []
         requested = self.attempted()
         budget = int(gen.budget * n)
         if requested >= budget:
-            raise BudgetExhausted(len(records), requested)
+            raise BudgetExhausted(unique, requested)
         valid = sum(x["valid"] for x in self.summaries.values()) - dupes
-        sizes = top_up_sizes(n - len(records), valid, requested, gen.shard_size, parallel, budget - requested)
+        sizes = top_up_sizes(n - unique, valid, requested, gen.shard_size, parallel, budget - requested)
         first = max(s.index for s in self.shards) + 1
         added = [self._shard(first + i, size) for i, size in enumerate(sizes)]
         self.shards += added
-        log.info("topping up: %d of %d valid, adding %d shard(s) with %d records", len(records), n, len(added),
+        log.info("topping up: %d of %d valid, adding %d shard(s) with %d records", unique, n, len(added),
                  sum(sizes))  # fmt: skip
         return added
+
+    def committed_ids(self) -> list[str]:
+        """The committed shards in plan order: the order the output takes its records in."""
+        return [s.id for s in self.shards if s.id in self.summaries]
 
     def run(self, nodes: list, progress: JobProgress, check: Callable[[], None] = lambda: None) -> None:
         """Keep every node's workers busy until exactly num_records valid records are committed. `check` runs on
@@ -205,7 +170,8 @@ class Job:
             for node in nodes:
                 while todo and node.accepts():
                     shard = todo.popleft()
-                    ref = node.submit(self.recipe, shard, self.seed_rows, self.store.run_dir, attempts.get(shard.id, 0))
+                    rows = [self.seed_rows[i] for i in shard.seed_rows]  # its own rows, not the whole seed file
+                    ref = node.submit(self.recipe, shard, rows, self.store.run_dir, attempts.get(shard.id, 0))
                     inflight[ref] = (shard, node)
             if not inflight and not todo:
                 added = self.top_up(sum(node.slots for node in nodes if node.lost is None))
@@ -224,7 +190,7 @@ class Job:
                 shard, node = inflight.pop(ref)
                 node.inflight -= 1
                 try:
-                    self.summaries[shard.id] = ray.get(ref)
+                    self.store.note_committed(shard.id, ray.get(ref))
                 except Exception as e:  # worker killed, node lost, server died: retry the shard
                     attempts[shard.id] = attempts.get(shard.id, 0) + 1
                     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
@@ -252,8 +218,7 @@ class Job:
         self, server_info: list[dict], started_at: datetime, wall: float, status: str, timings: dict[str, float]
     ) -> dict[str, Any]:
         recipe, summaries = self.recipe, self.summaries
-        ids = [s.id for s in self.shards if s.id in summaries]
-        records, dupes = unique_records(self.store, ids, recipe.num_records)
+        records, dupes = self.store.unique_count(self.committed_ids(), recipe.num_records)
         dropped: Counter[str] = Counter()
         for x in summaries.values():
             dropped.update(x["dropped"])
@@ -275,8 +240,10 @@ class Job:
             "servers": server_info,
             "versions": versions(),
             "output_path": str(recipe.output_path),
+            "output_files": [path.name for path in recipe.output_files] if status == "complete" else [],
+            "output_bytes": sum(path.stat().st_size for path in recipe.output_files) if status == "complete" else 0,
             "num_records": recipe.num_records,
-            "records": len(records),
+            "records": records,
             "attempted": self.attempted(),
             "generated": sum(x["generated"] for x in summaries.values()),
             "dropped": dict(sorted(dropped.items())),
@@ -289,9 +256,10 @@ class Job:
             "started_at": started_at.isoformat(timespec="seconds"),
             "wall_time_s": round(wall, 2),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "records_per_s": round(len(records) / wall, 3) if wall else None,
+            "records_per_s": round(records / wall, 3) if wall else None,
             "output_tokens_per_s": round(tokens_out / wall, 1) if wall else None,
-            "client_cpu": client_cpu(timings, summaries.values(), len(records)),
+            "client_cpu": client_cpu(timings, summaries.values(), records),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
 
     def _seed_info(self) -> dict | None:
@@ -302,12 +270,40 @@ class Job:
                 "strategy": seed.strategy}  # fmt: skip
 
     def merge(self, partial: bool) -> int:
-        """Committed shards, in plan order, without duplicates, cut at num_records → the output, atomically."""
-        ids = [s.id for s in self.shards if s.id in self.summaries]
-        records, _ = unique_records(self.store, ids, self.recipe.num_records)
+        """Committed shards, in plan order, without duplicates, cut at num_records → the output files, atomically
+        (a partial output is one file beside the output). Parts of an earlier layout of this output are removed."""
         out = self.recipe.output_path
-        atomic_write(out.with_name(out.name + ".partial") if partial else out, jsonl(records))
-        return len(records)
+        outputs = [out.with_name(out.name + ".partial")] if partial else self.recipe.output_files
+        per_file = self.recipe.output_records_per_file if not partial else None
+        n = self.recipe.num_records
+        count = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
+        if not partial:
+            for stale in set(output_layouts(out)) - set(outputs):
+                stale.unlink()
+        return count
+
+    def write_card(self, manifest: dict[str, Any]) -> Path:
+        """The Hugging Face dataset card: README.md beside the output, unless a README.md there is not this
+        output's card (a user's, or another recipe's in a shared output dir): then `<name>.README.md`."""
+        out = self.recipe.output_path
+        path = out.with_name("README.md")
+        if path.exists() and not is_card_of(path.read_text(errors="replace"), out.name):
+            path = out.with_name(f"{out.stem}.README.md")
+        with self.recipe.output_files[0].open(encoding="utf-8") as f:
+            samples = [json.loads(line) for line in itertools.islice(f, SHOWN)]
+        # Types found by each shard worker over its records; shards past the cut only widen a type (int → float64)
+        found: list[Columns | None] = [self.summaries[i].get("columns") for i in self.committed_ids()]
+        empty: Columns = {}
+        columns = None if None in found else functools.reduce(merge_columns, cast(list[Columns], found), empty)
+        atomic_write(path, dataset_card(manifest, samples, manifest["output_files"], columns))
+        return path
+
+
+def output_layouts(out: Path) -> list[Path]:
+    """Every output file this output path may have been written as: whole, or in parts of any size."""
+    parts = re.compile(rf"{re.escape(out.stem)}-\d{{5,}}-of-\d{{5,}}{re.escape(out.suffix)}")
+    found = [p for p in out.parent.iterdir() if parts.fullmatch(p.name)]
+    return [out, *found] if out.exists() else found
 
 
 def client_cpu(timings: dict[str, float], summaries, records: int) -> dict[str, Any]:
@@ -442,11 +438,15 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
             log.info("ended %d process(es) left after ray.shutdown()", len(ended))
     if status == "interrupted":
         # Shards abandoned in flight may have committed all the same: the manifest counts what is on disk.
-        job.summaries = {**job.store.summaries(), **job.summaries}
+        job.store.load_committed()
     else:
+        merge_started = time.monotonic()
         count = job.merge(partial=status != "complete")
+        timings["merge"] = time.monotonic() - merge_started
     timings["driver_cpu"] = time.process_time() - cpu0
     manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
+    if status == "complete":  # the card describes a finished dataset; the manifest, written last, vouches for both
+        manifest["card"] = job.write_card(manifest).name
     atomic_write(recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     if error is not None:
         raise error
@@ -480,5 +480,5 @@ def preview(recipe: Recipe, count: int = 3) -> tuple[list[dict], dict[str, int]]
         size = min(count, recipe.num_records)
         shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
         with _in_process_server(recipe, store.logs_dir) as endpoint:
-            summary = run_shard(recipe, shard, seed_rows, endpoint, store)
+            summary = run_shard(recipe, shard, [seed_rows[i] for i in shard.seed_rows], endpoint, store)
         return store.records(shard.id), summary["dropped"]

@@ -8,6 +8,7 @@ Records are numbered 0, 1, 2, …; shard i covers records [i·S, i·S + size). R
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -22,11 +23,23 @@ class Shard:
     index: int
     size: int
     random_seed: int
-    seed_rows: tuple[int, ...]  # indices into the seed file, one per record
+    first_record: int  # records [first_record, first_record + size)
+    n_seed_rows: int = 0
+    strategy: Strategy = "shuffle"
+    base_seed: int = 0
 
     @property
     def id(self) -> str:
         return shard_id(self.index)
+
+    @property
+    def seed_rows(self) -> tuple[int, ...]:
+        """Indices into the seed file, one per record. Computed when asked, not held by the plan: a plan of
+        millions of records stays a few bytes per shard, and only the shard being submitted pays for its rows."""
+        if not self.n_seed_rows:
+            return ()
+        records = range(self.first_record, self.first_record + self.size)
+        return tuple(_seed_row(r, self.n_seed_rows, self.strategy, self.base_seed) for r in records)
 
 
 def shard_id(index: int) -> str:
@@ -48,17 +61,19 @@ def _seed_row(record: int, n_rows: int, strategy: Strategy, base_seed: int) -> i
     epoch, pos = divmod(record, n_rows)
     if strategy == "ordered":
         return pos
+    return _pass_order(n_rows, base_seed, epoch)[pos]
+
+
+@functools.lru_cache(maxsize=4)  # a shard spans at most a pass boundary or two: shuffle each pass once
+def _pass_order(n_rows: int, base_seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(n_rows))
     random.Random(_seed_for(base_seed, "seed-order", epoch)).shuffle(order)
-    return order[pos]
+    return tuple(order)
 
 
 def make_shard(index: int, size: int, shard_size: int, n_seed_rows: int, strategy: Strategy, base_seed: int) -> Shard:
-    start = index * shard_size
-    rows: tuple[int, ...] = ()
-    if n_seed_rows:
-        rows = tuple(_seed_row(r, n_seed_rows, strategy, base_seed) for r in range(start, start + size))
-    return Shard(index=index, size=size, random_seed=_seed_for(base_seed, "shard", index), seed_rows=rows)
+    random_seed = _seed_for(base_seed, "shard", index)
+    return Shard(index, size, random_seed, index * shard_size, n_seed_rows, strategy, base_seed)
 
 
 def plan_shards(

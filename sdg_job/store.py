@@ -1,38 +1,74 @@
-"""The run directory on disk: shard files committed atomically, the recipe identity, the final merge.
+"""The run directory on disk: shard files committed atomically, the index of what is committed, the final merge.
 
 A shard is complete when its `.json` summary exists; it is written (atomically) only after the shard's records
-are on disk, so a crash at any moment leaves each shard complete or absent.
+and their digests are on disk, so a crash at any moment leaves each shard complete or absent.
+
+The driver's memory does not grow with the records: it holds each committed shard's summary and 16 bytes per
+record (a digest, for exact-duplicate removal); records stay on disk and the merge streams them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from sdg_job.errors import RecipeError
+import numpy as np
+
+from sdg_job.errors import JobError, RecipeError
+
+DIGEST_SIZE = 16
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a temp file beside `path`, fsync it, rename over `path`, fsync the directory."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temp file beside `path`, fsynced and renamed over `path` when the block ends without error (removed if
+    it raises); then the directory is fsynced, so the rename survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    tmp = temp_beside(path)
+    try:
+        with tmp.open("wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def temp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
+def atomic_write(path: Path, data: str | bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
 def jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def record_digest(record: dict) -> bytes:
+    """What makes two records the same, in 16 bytes: the driver dedups millions of records by these, never by
+    their text (2^-128 per pair: no collision in any dataset this job will make)."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.blake2b(canonical, digest_size=DIGEST_SIZE).digest()
 
 
 class RunStore:
@@ -40,6 +76,8 @@ class RunStore:
         self.run_dir = run_dir
         self.shards_dir = run_dir / "shards"
         self.logs_dir = run_dir / "logs"
+        self.summaries: dict[str, dict[str, Any]] = {}  # committed shards, by id
+        self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
 
     def open(self, recipe_hash: str, fresh: bool, source: str, keep: tuple[str, ...] = ()) -> None:
         """Claim the run dir for this recipe; refuse one made by a different recipe unless `fresh`, which wipes
@@ -54,6 +92,9 @@ class RunStore:
                     f"{self.run_dir} holds shards of a different recipe (sha256 {old[:12]}…, now {recipe_hash[:12]}…). "
                     "Re-run with --fresh to discard them, or set a different output_path.",
                 )
+        if fresh:
+            self.summaries.clear()
+            self._digests.clear()
         if fresh and self.run_dir.exists():
             for path in self.run_dir.iterdir():
                 if path.name in keep:
@@ -70,35 +111,91 @@ class RunStore:
     def records_path(self, shard_id: str) -> Path:
         return self.shards_dir / f"{shard_id}.jsonl"
 
+    def digests_path(self, shard_id: str) -> Path:
+        return self.shards_dir / f"{shard_id}.digests"
+
     def summary_path(self, shard_id: str) -> Path:
         return self.shards_dir / f"{shard_id}.json"
 
     def commit(self, shard_id: str, records: list[dict], summary: dict[str, Any]) -> None:
+        """Called where the shard ran; the summary goes last, as the mark that the shard is complete."""
         atomic_write(self.records_path(shard_id), jsonl(records))
+        atomic_write(self.digests_path(shard_id), b"".join(record_digest(r) for r in records))
         atomic_write(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n")
-
-    def summaries(self) -> dict[str, dict[str, Any]]:
-        """Every committed shard's summary by shard id, in id order (an incomplete shard has none)."""
-        return {path.stem: json.loads(path.read_text()) for path in sorted(self.shards_dir.glob("shard-*.json"))}
 
     def records(self, shard_id: str) -> list[dict]:
         with self.records_path(shard_id).open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    # ------------------------------------------------------------ the index of committed shards (driver side)
 
-def unique_records(store: RunStore, shard_ids: list[str], limit: int | None = None) -> tuple[list[dict], int]:
-    """Records of the given complete shards in plan order, without exact duplicates; and how many were dupes."""
-    seen: set[str] = set()
-    out: list[dict] = []
-    dupes = 0
-    for shard_id in shard_ids:
-        for record in store.records(shard_id):
-            key = json.dumps(record, sort_keys=True, ensure_ascii=False)
-            if key in seen:
-                dupes += 1
-                continue
-            seen.add(key)
-            out.append(record)
-            if limit is not None and len(out) == limit:
-                return out, dupes
-    return out, dupes
+    def load_committed(self) -> dict[str, dict[str, Any]]:
+        """Index every shard complete on disk (a resumed run, or shards that committed while being abandoned);
+        returns the summaries by shard id, in id order."""
+        for path in sorted(self.shards_dir.glob("shard-*.json")):
+            if path.stem not in self.summaries:
+                self.note_committed(path.stem, json.loads(path.read_text()))
+        return self.summaries
+
+    def note_committed(self, shard_id: str, summary: dict[str, Any]) -> None:
+        self.summaries[shard_id] = summary
+        path = self.digests_path(shard_id)
+        if path.exists():
+            self._digests[shard_id] = path.read_bytes()
+        else:  # committed by a version that wrote no digests
+            self._digests[shard_id] = b"".join(record_digest(r) for r in self.records(shard_id))
+
+    def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
+        """Which records of these committed shards, read in this order, make the output: the first copy of each,
+        up to `limit`. Returns a mask over their records and how many duplicates were passed over before the cut."""
+        digests = np.frombuffer(b"".join(self._digests[i] for i in shard_ids), dtype=np.dtype((np.void, DIGEST_SIZE)))
+        keep = np.zeros(len(digests), dtype=bool)
+        keep[np.unique(digests, return_index=True)[1]] = True
+        kept = np.flatnonzero(keep)
+        if len(kept) <= limit:
+            return keep, len(digests) - len(kept)
+        keep[kept[limit] :] = False
+        return keep, int(kept[limit - 1]) + 1 - limit
+
+    def unique_count(self, shard_ids: list[str], limit: int) -> tuple[int, int]:
+        """(distinct records of these shards, up to `limit`; duplicates passed over), as `selection` counts them."""
+        keep, dupes = self.selection(shard_ids, limit)
+        return int(keep.sum()), dupes
+
+    def merge(self, shard_ids: list[str], limit: int, outputs: list[Path], per_file: int) -> int:
+        """Stream the selected records' lines, as written, into `outputs` (`per_file` records each): all are
+        written and fsynced under temp names first, then renamed into place. Returns how many were written."""
+        keep, _ = self.selection(shard_ids, limit)
+        lines = self._selected_lines(shard_ids, keep)
+        written, temps = 0, []
+        try:
+            for path in outputs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temps.append((temp_beside(path), path))
+                with temps[-1][0].open("wb") as f:
+                    for line in itertools.islice(lines, per_file):
+                        f.write(line)
+                        written += 1
+                    f.flush()
+                    os.fsync(f.fileno())
+            for tmp, path in temps:
+                os.replace(tmp, path)
+        finally:
+            for tmp, _ in temps:
+                tmp.unlink(missing_ok=True)
+        for directory in {path.parent for path in outputs}:
+            fsync_dir(directory)
+        return written
+
+    def _selected_lines(self, shard_ids: list[str], keep: np.ndarray) -> Iterator[bytes]:
+        """One shard in memory at a time."""
+        pos = 0
+        for shard_id in shard_ids:
+            expected = len(self._digests[shard_id]) // DIGEST_SIZE
+            with self.records_path(shard_id).open("rb") as f:
+                lines = f.readlines()
+            if len(lines) != expected:
+                raise JobError(f"{self.records_path(shard_id)} has {len(lines)} records and {expected} digests: "
+                               f"delete {self.summary_path(shard_id).name} to make the shard again")  # fmt: skip
+            yield from itertools.compress(lines, keep[pos : pos + expected])
+            pos += expected

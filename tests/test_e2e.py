@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, all_files, read_jsonl, run_cli
 
@@ -87,6 +90,54 @@ def test_rerun_skips_finished_shards_and_keeps_the_output(tiny_run) -> None:
     manifest = manifest_of(out_dir, "tiny")
     assert manifest["shards_skipped_on_resume"] == len(manifest["shards"]) >= 2
     assert (out_dir / "tiny.jsonl").read_text() == before
+
+
+def test_rerun_can_split_the_same_records_into_parts_that_datasets_loads(tiny_run, tmp_path: Path) -> None:
+    """Splitting is how the merge lays records out, not what they are: a rerun with `output_records_per_file`
+    regenerates nothing, writes the same records in Hugging Face-style parts and removes the whole file."""
+    out_dir, first = tiny_run
+    assert first.returncode == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out_dir, copy)
+    again = run_cli("run", "recipe=tiny", "output_records_per_file=4", out_dir=copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    parts = [copy / f"tiny-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert [len(read_jsonl(p)) for p in parts] == [4, 4, 2] and not (copy / "tiny.jsonl").exists()
+    assert [r for p in parts for r in read_jsonl(p)] == read_jsonl(out_dir / "tiny.jsonl")
+    manifest = manifest_of(copy, "tiny")
+    assert manifest["shards_skipped_on_resume"] == len(manifest["shards"])
+    assert manifest["output_files"] == [p.name for p in parts]
+    loaded = load_dataset("json", data_files=[str(p) for p in parts], tmp_path=tmp_path)
+    assert loaded.to_list() == read_jsonl(out_dir / "tiny.jsonl")
+    # The card moved with the layout: `load_dataset(dir)` reads its files and features from it.
+    assert manifest["card"] == "README.md"
+    assert load_dataset(str(copy), tmp_path=tmp_path).to_list() == loaded.to_list()
+
+
+def test_dataset_card_beside_the_output_describes_it(tiny_run, tmp_path: Path) -> None:
+    out_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (out_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n", 2)[1])
+    assert front["configs"][0]["data_files"] == [{"split": "train", "path": ["tiny.jsonl"]}]
+    assert front["dataset_info"]["splits"] == [
+        {"name": "train", "num_examples": 10, "num_bytes": (out_dir / "tiny.jsonl").stat().st_size}
+    ]
+    message = [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}]
+    messages = {"name": "messages", "list": message}
+    assert front["dataset_info"]["features"] == [messages] and front["size_categories"] == ["n<1K"]
+    manifest = manifest_of(out_dir, "tiny")
+    assert front["sdg_job"]["recipe_sha256"] == manifest["recipe_sha256"]
+    assert "smollm2-135m" in card and json.dumps(read_jsonl(out_dir / "tiny.jsonl")[0]["messages"][0]["role"]) in card
+    assert load_dataset(str(out_dir), tmp_path=tmp_path).num_rows == 10
+
+
+def load_dataset(*args: str, tmp_path: Path, **kwargs):
+    """Hugging Face `datasets`, offline, its cache in the test's temp dir."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets
+
+    return datasets.load_dataset(*args, split="train", cache_dir=str(tmp_path / "hf-cache"), **kwargs)
 
 
 def test_changed_recipe_refuses_the_old_run_dir_unless_fresh(tiny_run) -> None:

@@ -163,7 +163,7 @@ def test_fresh_wipes_the_run_dir_but_not_the_lease_of_the_driver_wiping_it(tmp_p
         store.open("a" * 64, False, "recipe")
         store.commit("shard-00000", [{"x": 1}], {"shard": "shard-00000"})
         store.open("b" * 64, True, "recipe", keep=(LEASE_FILE,))
-        assert store.summaries() == {}
+        assert store.load_committed() == {}
         assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == lease.token
     finally:
         lease.release()

@@ -307,6 +307,9 @@ class Recipe(Strict):
     description: str = ""
     output_dir: Path
     output_path: Path
+    output_records_per_file: int | None = Field(
+        default=None, ge=1, description="split the output into files of at most this many records (default: one file)"
+    )
     num_records: int = Field(ge=1)
     provider: str = Field(description="local (the job's own servers) or the name of an entry in `providers`")
     providers: dict[str, ProviderSpec] = {}
@@ -326,6 +329,18 @@ class Recipe(Strict):
     @property
     def manifest_path(self) -> Path:
         return self.output_path.with_name(self.output_path.stem + ".manifest.json")
+
+    @property
+    def output_files(self) -> list[Path]:
+        """The output path, or with `output_records_per_file` its parts, named as Hugging Face datasets name them:
+        `<name>-00000-of-00004.jsonl` …"""
+        per_file = self.output_records_per_file
+        if per_file is None:
+            return [self.output_path]
+        count = -(-self.num_records // per_file)
+        width = max(5, len(str(count)))
+        out = self.output_path
+        return [out.with_name(f"{out.stem}-{i:0{width}d}-of-{count:0{width}d}{out.suffix}") for i in range(count)]
 
 
 # ---------------------------------------------------------------- identity
@@ -347,6 +362,8 @@ def recipe_hash(recipe: Recipe) -> str:
     """Identity of what the job generates. Resume refuses a run dir made by a different recipe."""
     data = recipe_dict(recipe)
     data.pop("num_records")  # growing or shrinking a run keeps its finished shards
+    for key in ("output_dir", "output_path", "output_records_per_file"):  # where and how the records are laid
+        data.pop(key)  # out, not what they are: a run dir moved to other storage resumes there
     data.pop("generation", None)
     for key in OPERATIONAL_SERVE_KEYS:
         (data.get("serve") or {}).pop(key, None)

@@ -1,0 +1,61 @@
+"""One shard, where it runs: generate → project → commit. Below both the driver (job.py) and the Ray layer
+(cluster.py), which only decide where and when a shard runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+from sdg_job.card import column_types
+from sdg_job.config import Recipe
+from sdg_job.errors import ServerUnavailable
+from sdg_job.generate import Endpoint, generate, load_engine
+from sdg_job.plan import Shard
+from sdg_job.project import project_rows
+from sdg_job.store import RunStore
+
+
+def run_shard(
+    recipe: Recipe,
+    shard: Shard,
+    seed_rows: list[dict],
+    endpoint: Endpoint,
+    store: RunStore,
+    attempt: int = 0,
+    server_ok: Callable[[], bool] | None = None,
+    node_id: str | None = None,
+) -> dict:
+    """Generate, project and commit one shard; returns its summary. Commits nothing if the server died.
+    `seed_rows` are this shard's own, one per record (`Shard.seed_rows` picks them)."""
+    engine_load_cpu = load_engine()
+    started, cpu_started = time.monotonic(), time.process_time()
+    work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
+    result = generate(recipe, endpoint, shard.size, seed_rows or None, work_dir)
+    if server_ok is not None and not server_ok():
+        raise ServerUnavailable(f"{endpoint.url} stopped answering during {shard.id}")
+    records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters)
+    dropped.update(result.reasons)
+    summary = {
+        "shard": shard.id,
+        "requested": shard.size,
+        "generated": len(result.rows),
+        "valid": len(records),
+        "dropped": dict(dropped),
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "seconds": round(time.monotonic() - started, 3),
+        "cpu_s": round(time.process_time() - cpu_started, 3),  # this worker process, all its threads
+        "engine_load_cpu_s": round(engine_load_cpu, 3),  # once per worker process
+        "retries": attempt,
+        "random_seed": shard.random_seed,
+        "endpoint": endpoint.url,
+        "worker": f"{os.uname().nodename}:{os.getpid()}",
+        "node_id": node_id,
+        "error": result.error,
+        "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
+    }
+    store.commit(shard.id, records, summary)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return summary

@@ -1,0 +1,97 @@
+"""The run dir's index of committed shards and the streaming merge: exactly the first copy of each record, in plan
+order, cut at N; split into Hugging Face-style parts that `datasets` loads; shards of older versions still merge."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from sdg_job.config import load_recipe
+from sdg_job.errors import JobError
+from sdg_job.plan import plan_shards
+from sdg_job.store import RunStore
+from tests.conftest import read_jsonl
+
+
+def record(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    store = RunStore(tmp_path / "run")
+    store.open("a" * 64, False, "recipe")
+    return store
+
+
+def commit(store: RunStore, shard_id: str, numbers: list[int]) -> None:
+    store.commit(shard_id, [record(i) for i in numbers], {"shard": shard_id, "requested": len(numbers)})
+    store.note_committed(shard_id, json.loads(store.summary_path(shard_id).read_text()))
+
+
+def test_selection_keeps_first_copies_in_plan_order_and_counts_dupes_before_the_cut(store: RunStore) -> None:
+    commit(store, "shard-00000", [0, 1, 1, 2])  # a duplicate inside a shard
+    commit(store, "shard-00001", [2, 3, 4, 5])  # and one across shards
+    assert store.unique_count(["shard-00000", "shard-00001"], limit=100) == (6, 2)
+    assert store.unique_count(["shard-00000", "shard-00001"], limit=3) == (3, 1)  # the later dupe is past the cut
+    keep, dupes = store.selection(["shard-00001", "shard-00000"], limit=100)  # other order: other first copies
+    assert keep.tolist() == [True, True, True, True, True, True, False, False] and dupes == 2
+
+
+def test_merge_streams_the_selection_into_parts_of_at_most_k_records(store: RunStore, tmp_path: Path) -> None:
+    commit(store, "shard-00000", [0, 1, 1, 2, 3])
+    commit(store, "shard-00001", [4, 5, 6, 7, 8])
+    parts = [tmp_path / f"out-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert store.merge(["shard-00000", "shard-00001"], 7, parts, per_file=3) == 7
+    assert [len(read_jsonl(p)) for p in parts] == [3, 3, 1]
+    assert [r for p in parts for r in read_jsonl(p)] == [record(i) for i in range(7)]
+    assert not list(tmp_path.glob(".out*"))  # no temp file left
+
+
+def test_shards_committed_without_digests_still_merge(store: RunStore, tmp_path: Path) -> None:
+    """Run dirs made before digests existed resume: the index reads such a shard's records once."""
+    store.commit("shard-00000", [record(0), record(0), record(1)], {"requested": 3})
+    store.digests_path("shard-00000").unlink()
+    resumed = RunStore(store.run_dir)
+    assert list(resumed.load_committed()) == ["shard-00000"]
+    assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == 2
+
+
+def test_a_shard_file_that_disagrees_with_its_digests_stops_the_merge(store: RunStore, tmp_path: Path) -> None:
+    commit(store, "shard-00000", [0, 1, 2])
+    with store.records_path("shard-00000").open("a") as f:
+        f.write(json.dumps(record(9)) + "\n")
+    with pytest.raises(JobError, match="shard-00000.jsonl has 4 records and 3 digests"):
+        store.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5)
+    assert not (tmp_path / "out.jsonl").exists()  # nothing half-written
+
+
+def test_output_parts_are_named_as_hugging_face_names_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SDG_OUTPUT_DIR", str(tmp_path))
+    recipe = load_recipe("tiny", ["num_records=10", "output_records_per_file=4"])
+    assert [p.name for p in recipe.output_files] == [f"tiny-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert load_recipe("tiny", ["num_records=10"]).output_files == [tmp_path / "tiny.jsonl"]
+
+
+def test_every_output_layout_loads_with_datasets(store: RunStore, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    commit(store, "shard-00000", list(range(25)))
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    store.merge(["shard-00000"], 25, [whole / "train.jsonl"], per_file=25)
+    store.merge(["shard-00000"], 25, [parts / f"train-0000{i}-of-00003.jsonl" for i in range(3)], per_file=10)
+    for files in (str(whole / "train.jsonl"), sorted(str(p) for p in parts.iterdir())):
+        loaded = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+        assert loaded.num_rows == 25 and loaded[24] == record(24)
+
+
+def test_a_shard_carries_its_seed_rows_lazily_whatever_its_size() -> None:
+    """The plan holds a few numbers per shard, not one per record, and a shard sent to a worker is as small."""
+    (shard,) = plan_shards(50_000, 50_000, n_seed_rows=5_000, strategy="shuffle", base_seed=3)
+    assert len(pickle.dumps(shard)) < 300
+    assert len(shard.seed_rows) == 50_000 and sorted(shard.seed_rows[:5_000]) == list(range(5_000))
