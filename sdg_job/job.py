@@ -251,7 +251,7 @@ class Job:
             "failures": self.failures,
             "server_restarts": sum(s.get("restarts", 0) for s in server_info),
             "tokens": {"input": sum(x["input_tokens"] for x in summaries.values()), "output": tokens_out},
-            "shards": [summaries[s.id] for s in self.shards if s.id in summaries],
+            "shards": [{k: v for k, v in summaries[i].items() if k != "columns"} for i in self.committed_ids()],
             "shards_skipped_on_resume": self.skipped,
             "started_at": started_at.isoformat(timespec="seconds"),
             "wall_time_s": round(wall, 2),
