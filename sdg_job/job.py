@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from sdg_job.card import SHOWN, Columns, dataset_card, is_card_of, merge_columns
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
@@ -130,7 +129,7 @@ class Job:
         return make_shard(index, size, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed)
 
     def attempted(self) -> int:
-        return sum(x["requested"] for x in self.summaries.values())
+        return self.store.totals["requested"]
 
     def top_up(self, parallel: int) -> list[Shard]:
         """Shards that cover the gap to num_records (plan.top_up_sizes); empty when num_records are committed."""
@@ -291,10 +290,12 @@ class Job:
             path = out.with_name(f"{out.stem}.README.md")
         with self.recipe.output_files[0].open(encoding="utf-8") as f:
             samples = [json.loads(line) for line in itertools.islice(f, SHOWN)]
-        # Types found by each shard worker over its records; shards past the cut only widen a type (int → float64)
-        found: list[Columns | None] = [self.summaries[i].get("columns") for i in self.committed_ids()]
-        empty: Columns = {}
-        columns = None if None in found else functools.reduce(merge_columns, cast(list[Columns], found), empty)
+        # Types found by each shard worker over its records (shards past the cut only widen a type, int → float64);
+        # a shard committed by a version that found none leaves the features to datasets.
+        columns: Columns | None = {}
+        for shard_id in self.committed_ids():
+            found = self.summaries[shard_id].get("columns")
+            columns = None if columns is None or found is None else merge_columns(columns, found)
         atomic_write(path, dataset_card(manifest, samples, manifest["output_files"], columns))
         return path
 

@@ -25,10 +25,9 @@ class JobProgress:
         self.task = self.progress.add_task("records", total=num_records, stats="")
 
     def update(self, job: Job) -> None:
-        summaries = job.summaries.values()
-        valid = sum(x["valid"] for x in summaries)
-        dropped = sum(x["requested"] - x["valid"] for x in summaries)
-        tokens = sum(x["output_tokens"] for x in summaries)
+        totals = job.store.totals  # kept by the store as shards commit: no pass over every shard on each turn
+        valid, tokens = totals["valid"], totals["output_tokens"]
+        dropped = totals["requested"] - valid
         elapsed = max(time.monotonic() - self.started, 1e-6)
         stats = (
             f"· shards {len(job.summaries)}/{len(job.shards)} · dropped {dropped} · retries {len(job.failures)} · "

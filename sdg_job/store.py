@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +25,7 @@ import numpy as np
 from sdg_job.errors import JobError, RecipeError
 
 DIGEST_SIZE = 16
+TOTALS = ("requested", "valid", "output_tokens")  # kept summed: the progress line reads them on every turn
 
 
 @contextlib.contextmanager
@@ -78,6 +80,7 @@ class RunStore:
         self.logs_dir = run_dir / "logs"
         self.summaries: dict[str, dict[str, Any]] = {}  # committed shards, by id
         self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
+        self.totals: Counter[str] = Counter()  # their summaries' counts summed (requested, valid, output_tokens)
 
     def open(self, recipe_hash: str, fresh: bool, source: str, keep: tuple[str, ...] = ()) -> None:
         """Claim the run dir for this recipe; refuse one made by a different recipe unless `fresh`, which wipes
@@ -95,6 +98,7 @@ class RunStore:
         if fresh:
             self.summaries.clear()
             self._digests.clear()
+            self.totals.clear()
         if fresh and self.run_dir.exists():
             for path in self.run_dir.iterdir():
                 if path.name in keep:
@@ -139,6 +143,7 @@ class RunStore:
 
     def note_committed(self, shard_id: str, summary: dict[str, Any]) -> None:
         self.summaries[shard_id] = summary
+        self.totals.update({key: summary.get(key, 0) for key in TOTALS})
         path = self.digests_path(shard_id)
         if path.exists():
             self._digests[shard_id] = path.read_bytes()

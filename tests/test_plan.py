@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from sdg_job.card import column_types
 from sdg_job.config import load_recipe
 from sdg_job.job import Job
 from sdg_job.plan import plan_shards, shard_id, shard_index, top_up_sizes
@@ -59,7 +61,9 @@ def tiny_job_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def commit(job: Job, index: int, records: int, requested: int) -> None:
     rows = [{"messages": [{"role": "user", "content": f"{index}-{i}"}]} for i in range(records)]
-    job.store.commit(shard_id(index), rows, {"requested": requested, "valid": records, "dropped": {}})
+    summary = {"requested": requested, "generated": requested, "valid": records, "dropped": {}, "input_tokens": 9,
+               "output_tokens": 9, "columns": column_types(rows)}  # fmt: skip
+    job.store.commit(shard_id(index), rows, summary)
 
 
 def test_resume_adopts_every_committed_top_up_even_after_a_gap(tiny_job_dir) -> None:
@@ -77,3 +81,18 @@ def test_resume_adopts_every_committed_top_up_even_after_a_gap(tiny_job_dir) -> 
     assert [shard_index(s.id) for s in added] == [6, 7]  # shard-00005 is kept, not overwritten
     assert [s.size for s in added] == [1, 1]  # 1 record missing at a 19/23 yield: 2 records, one per worker
     assert resumed.merge(partial=True) == 19
+
+
+def test_a_readme_of_the_users_beside_the_output_is_never_overwritten(tiny_job_dir) -> None:
+    job = tiny_job_dir()
+    for index in range(4):
+        commit(job, index, records=5, requested=5)
+    job = tiny_job_dir()
+    readme = job.recipe.output_path.with_name("README.md")
+    readme.write_text("# my notes\n")
+    assert job.merge(partial=False) == 20
+    manifest = job.manifest([], datetime.now(timezone.utc), 1.0, "complete", {})
+    assert job.write_card(manifest).name == "tiny.README.md" and readme.read_text() == "# my notes\n"
+    readme.unlink()
+    assert job.write_card(manifest) == readme  # no README there: the card takes the name the Hub reads
+    assert job.write_card(manifest) == readme  # and keeps it, being this output's card
