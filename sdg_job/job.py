@@ -12,6 +12,7 @@ import platform
 import re
 import resource
 import signal
+import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -36,6 +37,7 @@ from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
 
 log = logging.getLogger("sdg_job")
 PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
+RSS_UNITS_PER_MB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
 
 
@@ -122,6 +124,7 @@ class Job:
                 self.shards.append(self._shard(shard_index(shard_id), summary["requested"]))
         self.skipped = len(self.summaries)
         self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
+        self.output_shards: list[str] = []  # the committed shards the output took records from (set by merge)
         self.inflight: dict[Any, tuple[Shard, Any]] = {}  # Ray ref → (shard, node)
 
     def _shard(self, index: int, size: int) -> Shard:
@@ -189,7 +192,7 @@ class Job:
                 shard, node = inflight.pop(ref)
                 node.inflight -= 1
                 try:
-                    self.store.note_committed(shard.id, ray.get(ref))
+                    summary = ray.get(ref)
                 except Exception as e:  # worker killed, node lost, server died: retry the shard
                     attempts[shard.id] = attempts.get(shard.id, 0) + 1
                     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
@@ -200,6 +203,8 @@ class Job:
                         raise JobError(f"{shard.id} failed {attempts[shard.id]} times; last error: {e}") from None
                     node.recover(e)
                     todo.appendleft(shard)
+                else:
+                    self.store.note_committed(shard.id, summary)
             if all(node.lost for node in nodes):
                 raise JobError("every node is out of service: " + "; ".join(str(node.lost) for node in nodes))
             progress.update(self)
@@ -258,7 +263,7 @@ class Job:
             "records_per_s": round(records / wall, 3) if wall else None,
             "output_tokens_per_s": round(tokens_out / wall, 1) if wall else None,
             "client_cpu": client_cpu(timings, summaries.values(), records),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNITS_PER_MB, 1),
         }
 
     def _seed_info(self) -> dict | None:
@@ -275,7 +280,10 @@ class Job:
         outputs = [out.with_name(out.name + ".partial")] if partial else self.recipe.output_files
         per_file = self.recipe.output_records_per_file if not partial else None
         n = self.recipe.num_records
-        count = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
+        # The manifest, written last, vouches for the output: none while it is replaced (several files cannot be
+        # renamed at once, so a crash in between must not leave an old manifest over a mix of old and new parts).
+        self.recipe.manifest_path.unlink(missing_ok=True)
+        count, self.output_shards = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
         if not partial:
             for stale in set(output_layouts(out)) - set(outputs):
                 stale.unlink()
@@ -290,10 +298,10 @@ class Job:
             path = out.with_name(f"{out.stem}.README.md")
         with self.recipe.output_files[0].open(encoding="utf-8") as f:
             samples = [json.loads(line) for line in itertools.islice(f, SHOWN)]
-        # Types found by each shard worker over its records (shards past the cut only widen a type, int → float64);
-        # a shard committed by a version that found none leaves the features to datasets.
+        # Types each shard worker found over its records, for the shards the output took records from; a shard
+        # committed by a version that found none leaves the features to datasets.
         columns: Columns | None = {}
-        for shard_id in self.committed_ids():
+        for shard_id in self.output_shards:
             found = self.summaries[shard_id].get("columns")
             columns = None if columns is None or found is None else merge_columns(columns, found)
         atomic_write(path, dataset_card(manifest, samples, manifest["output_files"], columns))

@@ -64,7 +64,7 @@ def _seed_row(record: int, n_rows: int, strategy: Strategy, base_seed: int) -> i
     return _pass_order(n_rows, base_seed, epoch)[pos]
 
 
-@functools.lru_cache(maxsize=4)  # a shard spans at most a pass boundary or two: shuffle each pass once
+@functools.lru_cache(maxsize=2)  # a shard is in one pass or spans two: shuffle each pass once
 def _pass_order(n_rows: int, base_seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(n_rows))
     random.Random(_seed_for(base_seed, "seed-order", epoch)).shuffle(order)

@@ -10,10 +10,12 @@ record (a digest, for exact-duplicate removal); records stay on disk and the mer
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import itertools
 import json
 import os
+import secrets
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -112,23 +114,26 @@ class RunStore:
         if not identity.exists():
             atomic_write(identity, json.dumps({"recipe_sha256": recipe_hash}) + "\n")
 
-    def records_path(self, shard_id: str) -> Path:
-        return self.shards_dir / f"{shard_id}.jsonl"
-
-    def digests_path(self, shard_id: str) -> Path:
-        return self.shards_dir / f"{shard_id}.digests"
-
     def summary_path(self, shard_id: str) -> Path:
         return self.shards_dir / f"{shard_id}.json"
 
     def commit(self, shard_id: str, records: list[dict], summary: dict[str, Any]) -> None:
-        """Called where the shard ran; the summary goes last, as the mark that the shard is complete."""
-        atomic_write(self.records_path(shard_id), jsonl(records))
-        atomic_write(self.digests_path(shard_id), b"".join(record_digest(r) for r in records))
+        """Called where the shard ran. The records and their digests go under names of this attempt's own; the
+        summary, renamed into place last, names them (`files`) and marks the shard complete. So attempts of a
+        shard that overlap (a retry while a worker thought lost still runs) never mix: the summary in place
+        always names a pair written together. A losing attempt's files stay behind, unread."""
+        summary["files"] = files = f"{shard_id}.{secrets.token_hex(4)}"
+        atomic_write(self.shards_dir / f"{files}.jsonl", jsonl(records))
+        atomic_write(self.shards_dir / f"{files}.digests", b"".join(record_digest(r) for r in records))
         atomic_write(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n")
 
+    def records_path(self, summary: dict[str, Any]) -> Path:
+        return self.shards_dir / f"{summary['files']}.jsonl"
+
     def records(self, shard_id: str) -> list[dict]:
-        with self.records_path(shard_id).open(encoding="utf-8") as f:
+        """A committed shard's records, as its summary on disk names them."""
+        path = self.records_path(json.loads(self.summary_path(shard_id).read_text()))
+        with path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 
     # ------------------------------------------------------------ the index of committed shards (driver side)
@@ -142,13 +147,10 @@ class RunStore:
         return self.summaries
 
     def note_committed(self, shard_id: str, summary: dict[str, Any]) -> None:
+        digests = (self.shards_dir / f"{summary['files']}.digests").read_bytes()  # first: a failure here adds nothing
+        self._digests[shard_id] = digests
         self.summaries[shard_id] = summary
         self.totals.update({key: summary.get(key, 0) for key in TOTALS})
-        path = self.digests_path(shard_id)
-        if path.exists():
-            self._digests[shard_id] = path.read_bytes()
-        else:  # committed by a version that wrote no digests
-            self._digests[shard_id] = b"".join(record_digest(r) for r in self.records(shard_id))
 
     def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
         """Which records of these committed shards, read in this order, make the output: the first copy of each,
@@ -167,15 +169,19 @@ class RunStore:
         keep, dupes = self.selection(shard_ids, limit)
         return int(keep.sum()), dupes
 
-    def merge(self, shard_ids: list[str], limit: int, outputs: list[Path], per_file: int) -> int:
+    def merge(self, shard_ids: list[str], limit: int, outputs: list[Path], per_file: int) -> tuple[int, list[str]]:
         """Stream the selected records' lines, as written, into `outputs` (`per_file` records each): all are
-        written and fsynced under temp names first, then renamed into place. Returns how many were written."""
+        written and fsynced under temp names first, then renamed into place. Returns how many were written, and
+        the shards they came from."""
         keep, _ = self.selection(shard_ids, limit)
-        lines = self._selected_lines(shard_ids, keep)
+        used: list[str] = []
+        lines = self._selected_lines(shard_ids, keep, used)
         written, temps = 0, []
         try:
             for path in outputs:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                for left in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # by a merge that crashed
+                    left.unlink()
                 temps.append((temp_beside(path), path))
                 with temps[-1][0].open("wb") as f:
                     for line in itertools.islice(lines, per_file):
@@ -190,17 +196,21 @@ class RunStore:
                 tmp.unlink(missing_ok=True)
         for directory in {path.parent for path in outputs}:
             fsync_dir(directory)
-        return written
+        return written, used
 
-    def _selected_lines(self, shard_ids: list[str], keep: np.ndarray) -> Iterator[bytes]:
-        """One shard in memory at a time."""
+    def _selected_lines(self, shard_ids: list[str], keep: np.ndarray, used: list[str]) -> Iterator[bytes]:
+        """One shard in memory at a time; notes in `used` each shard that gives a line."""
         pos = 0
         for shard_id in shard_ids:
             expected = len(self._digests[shard_id]) // DIGEST_SIZE
-            with self.records_path(shard_id).open("rb") as f:
+            path = self.records_path(self.summaries[shard_id])
+            with path.open("rb") as f:
                 lines = f.readlines()
-            if len(lines) != expected:
-                raise JobError(f"{self.records_path(shard_id)} has {len(lines)} records and {expected} digests: "
-                               f"delete {self.summary_path(shard_id).name} to make the shard again")  # fmt: skip
-            yield from itertools.compress(lines, keep[pos : pos + expected])
+            if len(lines) != expected:  # only if something outside the job changed the file
+                raise JobError(f"{path} has {len(lines)} records and {expected} digests: delete "
+                               f"{self.summary_path(shard_id).name} to make the shard again")  # fmt: skip
+            mask = keep[pos : pos + expected]
+            if mask.any():
+                used.append(shard_id)
+            yield from itertools.compress(lines, mask)
             pos += expected

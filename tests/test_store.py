@@ -44,29 +44,36 @@ def test_selection_keeps_first_copies_in_plan_order_and_counts_dupes_before_the_
 def test_merge_streams_the_selection_into_parts_of_at_most_k_records(store: RunStore, tmp_path: Path) -> None:
     commit(store, "shard-00000", [0, 1, 1, 2, 3])
     commit(store, "shard-00001", [4, 5, 6, 7, 8])
+    commit(store, "shard-00002", [9])  # past the cut: not a shard the output uses
     parts = [tmp_path / f"out-0000{i}-of-00003.jsonl" for i in range(3)]
-    assert store.merge(["shard-00000", "shard-00001"], 7, parts, per_file=3) == 7
+    (tmp_path / ".out-00000-of-00003.jsonl.tmp1").write_text("left by a merge that crashed")
+    assert store.merge(["shard-00000", "shard-00001", "shard-00002"], 7, parts, per_file=3) == (
+        7, ["shard-00000", "shard-00001"])  # fmt: skip
     assert [len(read_jsonl(p)) for p in parts] == [3, 3, 1]
     assert [r for p in parts for r in read_jsonl(p)] == [record(i) for i in range(7)]
     assert not list(tmp_path.glob(".out*"))  # no temp file left
 
 
-def test_shards_committed_without_digests_still_merge(store: RunStore, tmp_path: Path) -> None:
-    """Run dirs made before digests existed resume: the index reads such a shard's records once."""
-    store.commit("shard-00000", [record(0), record(0), record(1)], {"requested": 3})
-    store.digests_path("shard-00000").unlink()
-    resumed = RunStore(store.run_dir)
-    assert list(resumed.load_committed()) == ["shard-00000"]
-    assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == 2
-
-
 def test_a_shard_file_that_disagrees_with_its_digests_stops_the_merge(store: RunStore, tmp_path: Path) -> None:
     commit(store, "shard-00000", [0, 1, 2])
-    with store.records_path("shard-00000").open("a") as f:
+    with store.records_path(store.summaries["shard-00000"]).open("a") as f:
         f.write(json.dumps(record(9)) + "\n")
-    with pytest.raises(JobError, match="shard-00000.jsonl has 4 records and 3 digests"):
+    with pytest.raises(JobError, match=r"\.jsonl has 4 records and 3 digests"):
         store.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5)
     assert not (tmp_path / "out.jsonl").exists()  # nothing half-written
+
+
+def test_overlapping_attempts_of_a_shard_never_mix(store: RunStore, tmp_path: Path) -> None:
+    """A retry runs while the first attempt, thought lost, still commits: whichever summary lands last names the
+    records and digests its own attempt wrote, never the other's."""
+    first = {"shard": "shard-00000", "requested": 3}
+    store.commit("shard-00000", [record(i) for i in (0, 1, 2)], first)
+    late = {"shard": "shard-00000", "requested": 3}
+    store.commit("shard-00000", [record(i) for i in (0, 0, 5)], late)  # the other attempt lands after
+    resumed = RunStore(store.run_dir)
+    assert resumed.load_committed()["shard-00000"]["files"] == late["files"] != first["files"]
+    assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == (2, ["shard-00000"])
+    assert read_jsonl(tmp_path / "out.jsonl") == [record(0), record(5)]
 
 
 def test_output_parts_are_named_as_hugging_face_names_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
