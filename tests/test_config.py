@@ -90,6 +90,18 @@ def test_recipe_by_path_with_relative_defaults(tmp_path: Path) -> None:
     assert recipe.seed_dataset is not None and recipe.seed_dataset.path == REPO / "seeds" / "pref_prompts.jsonl"
 
 
+def test_defaults_that_cannot_be_resolved_are_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by tests/test_fuzz.py: an unset variable in `defaults:` ended in an OmegaConf traceback."""
+    monkeypatch.delenv("SDG_SURELY_UNSET", raising=False)
+    own = tmp_path / "mine.yaml"
+    own.write_text("defaults: [tiny, '${oc.env:SDG_SURELY_UNSET}']\n")
+    with pytest.raises(RecipeError, match="SDG_SURELY_UNSET") as e:
+        load_recipe(str(own))
+    assert (e.value.source, e.value.key) == (str(own), "defaults")
+    monkeypatch.setenv("SDG_SURELY_UNSET", "layers/cpu")
+    assert load_recipe(str(own)).serve.engine == "llama_cpp"  # type: ignore[union-attr]
+
+
 def test_recipe_hash_ignores_size_but_not_content() -> None:
     base = recipe_hash(load_recipe("tiny"))
     assert recipe_hash(load_recipe("tiny", ["num_records=40"])) == base
@@ -98,6 +110,8 @@ def test_recipe_hash_ignores_size_but_not_content() -> None:
     assert recipe_hash(load_recipe("tiny", ["serve.hang_timeout_s=60", "serve.threads=1"])) == base
     assert recipe_hash(load_recipe("tiny", ["serve.model=/models/other.gguf"])) != base
     assert recipe_hash(load_recipe("tiny", ["serve.parallel=2"])) != base  # llama.cpp: a slot's context size
+    # Where and how the records are laid out is not what they are: a moved or re-split output keeps its shards.
+    assert recipe_hash(load_recipe("tiny", ["output_path=/elsewhere/t.jsonl", "output_records_per_file=3"])) == base
 
 
 def test_secret_values_are_refused_and_masked(monkeypatch) -> None:

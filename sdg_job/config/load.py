@@ -73,10 +73,15 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raw = seed.path
         if isinstance(raw, str) and not raw.startswith("~") and not Path(raw).is_absolute():
             seed.path = str(_full_path(path.parent / raw, str(path), "seed_dataset.path"))  # relative to this file
-    parents = cfg.pop("defaults", [])
+    try:  # resolved here, before files merge: `defaults: ${oc.env:UNSET}` is bad input, not a traceback
+        parents = cfg.pop("defaults", [])
+        if isinstance(parents, ListConfig):
+            parents = OmegaConf.to_container(parents, resolve=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(str(path), "defaults", f"cannot be resolved: {str(e).splitlines()[0]}") from None
     if isinstance(parents, str):
         parents = [parents]
-    if not isinstance(parents, (list, ListConfig)) or not all(isinstance(p, str) and p for p in parents):
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
         raise RecipeError(str(path), "defaults", "must be a list of recipe names or paths")
     merged: DictConfig = OmegaConf.create({})
     for parent in parents:
