@@ -32,7 +32,7 @@ from sdg_job.progress import JobProgress
 from sdg_job.seeds import file_sha256, load_seeds
 from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged
 from sdg_job.shard import run_shard
-from sdg_job.store import RunStore, atomic_write
+from sdg_job.store import RunStore, atomic_write, fsync_dir
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
 
 log = logging.getLogger("sdg_job")
@@ -204,7 +204,12 @@ class Job:
                     node.recover(e)
                     todo.appendleft(shard)
                 else:
-                    self.store.note_committed(shard.id, summary)
+                    try:
+                        self.store.note_committed(shard.id, summary)
+                    except OSError as e:
+                        raise JobError(f"{shard.id} committed where it ran, but this driver cannot read "
+                                       f"{e.filename}: the run dir must be on storage every node and the driver "
+                                       "share") from None  # fmt: skip
             if all(node.lost for node in nodes):
                 raise JobError("every node is out of service: " + "; ".join(str(node.lost) for node in nodes))
             progress.update(self)
@@ -280,13 +285,18 @@ class Job:
         outputs = [out.with_name(out.name + ".partial")] if partial else self.recipe.output_files
         per_file = self.recipe.output_records_per_file if not partial else None
         n = self.recipe.num_records
-        # The manifest, written last, vouches for the output: none while it is replaced (several files cannot be
-        # renamed at once, so a crash in between must not leave an old manifest over a mix of old and new parts).
+        # The manifest, written last, vouches for the output, and the card describes it: neither while it is
+        # replaced (several files cannot be renamed at once: a crash in between must not leave them over a mix).
         self.recipe.manifest_path.unlink(missing_ok=True)
+        for card in (out.with_name("README.md"), out.with_name(f"{out.stem}.README.md")):
+            if card.exists() and is_card_of(card.read_text(errors="replace"), out.name):
+                card.unlink()
+        fsync_dir(out.parent)
         count, self.output_shards = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
         if not partial:
             for stale in set(output_layouts(out)) - set(outputs):
                 stale.unlink()
+            self.store.sweep()  # the job is over: no attempt of it still runs
         return count
 
     def write_card(self, manifest: dict[str, Any]) -> Path:

@@ -29,6 +29,8 @@ def run_shard(
 ) -> dict:
     """Generate, project and commit one shard; returns its summary. Commits nothing if the server died.
     `seed_rows` are this shard's own, one per record (`Shard.seed_rows` picks them)."""
+    if (committed := store.committed(shard.id)) is not None:  # an attempt the driver thought lost committed it
+        return committed
     engine_load_cpu = load_engine()
     started, cpu_started = time.monotonic(), time.process_time()
     work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
@@ -56,6 +58,6 @@ def run_shard(
         "error": result.error,
         "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
     }
-    store.commit(shard.id, records, summary)
+    committed = store.commit(shard.id, records, summary)
     shutil.rmtree(work_dir, ignore_errors=True)
-    return summary
+    return committed

@@ -27,6 +27,7 @@ import numpy as np
 from sdg_job.errors import JobError, RecipeError
 
 DIGEST_SIZE = 16
+DATA_SUFFIXES = (".jsonl", ".digests")  # a shard attempt's files, beside its summary (.json)
 TOTALS = ("requested", "valid", "output_tokens")  # kept summed: the progress line reads them on every turn
 
 
@@ -49,6 +50,30 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
 
 def temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def publish_once(path: Path, text: str) -> bool:
+    """Put `text` at `path` atomically unless something is there already; True if this call put it there. A hard
+    link of a complete temp file, which fails if `path` exists (Lustre, NFS, GPFS, local filesystems all have
+    them); where links are not supported, a rename after a check, which two writers could both pass."""
+    tmp = temp_beside(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,22 +142,48 @@ class RunStore:
     def summary_path(self, shard_id: str) -> Path:
         return self.shards_dir / f"{shard_id}.json"
 
-    def commit(self, shard_id: str, records: list[dict], summary: dict[str, Any]) -> None:
-        """Called where the shard ran. The records and their digests go under names of this attempt's own; the
-        summary, renamed into place last, names them (`files`) and marks the shard complete. So attempts of a
-        shard that overlap (a retry while a worker thought lost still runs) never mix: the summary in place
-        always names a pair written together. A losing attempt's files stay behind, unread."""
+    def commit(self, shard_id: str, records: list[dict], summary: dict[str, Any]) -> dict[str, Any]:
+        """Called where the shard ran; returns the shard's summary as committed. The records and their digests go
+        under names of this attempt's own; the summary, put in place last, names them (`files`) and marks the shard
+        complete, once: if another attempt committed it first (a retry while a worker thought lost still ran),
+        that one stays, and this attempt's files are removed. A committed shard never changes."""
         summary["files"] = files = f"{shard_id}.{secrets.token_hex(4)}"
         atomic_write(self.shards_dir / f"{files}.jsonl", jsonl(records))
         atomic_write(self.shards_dir / f"{files}.digests", b"".join(record_digest(r) for r in records))
-        atomic_write(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n")
+        if publish_once(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n"):
+            return summary
+        for suffix in DATA_SUFFIXES:
+            (self.shards_dir / f"{files}{suffix}").unlink(missing_ok=True)
+        return self.committed(shard_id) or summary
+
+    def committed(self, shard_id: str) -> dict[str, Any] | None:
+        """The summary of a shard committed on disk, or None."""
+        try:
+            return json.loads(self.summary_path(shard_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    def sweep(self) -> int:
+        """Remove what no committed shard names: files of attempts that crashed before committing (or lost to
+        another), temp files. Only safe when no attempt of this run is still running: after the job's end."""
+        named = {summary["files"] for summary in self.summaries.values()}
+        swept = 0
+        for path in self.shards_dir.iterdir():
+            orphan = path.suffix in DATA_SUFFIXES and path.stem not in named
+            if orphan or (path.name.startswith(".") and path.suffix.startswith(".tmp")):
+                path.unlink(missing_ok=True)
+                swept += 1
+        return swept
 
     def records_path(self, summary: dict[str, Any]) -> Path:
         return self.shards_dir / f"{summary['files']}.jsonl"
 
     def records(self, shard_id: str) -> list[dict]:
-        """A committed shard's records, as its summary on disk names them."""
-        path = self.records_path(json.loads(self.summary_path(shard_id).read_text()))
+        """A committed shard's records."""
+        summary = self.committed(shard_id)
+        if summary is None:
+            raise JobError(f"{shard_id} is not committed in {self.shards_dir}")
+        path = self.records_path(summary)
         with path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 

@@ -1,5 +1,5 @@
 """The run dir's index of committed shards and the streaming merge: exactly the first copy of each record, in plan
-order, cut at N; split into Hugging Face-style parts that `datasets` loads; shards of older versions still merge."""
+order, cut at N; split into Hugging Face-style parts that `datasets` loads; a committed shard never changes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from sdg_job.config import load_recipe
 from sdg_job.errors import JobError
 from sdg_job.plan import plan_shards
+from sdg_job.shard import run_shard
 from sdg_job.store import RunStore
 from tests.conftest import read_jsonl
 
@@ -63,17 +64,29 @@ def test_a_shard_file_that_disagrees_with_its_digests_stops_the_merge(store: Run
     assert not (tmp_path / "out.jsonl").exists()  # nothing half-written
 
 
-def test_overlapping_attempts_of_a_shard_never_mix(store: RunStore, tmp_path: Path) -> None:
-    """A retry runs while the first attempt, thought lost, still commits: whichever summary lands last names the
-    records and digests its own attempt wrote, never the other's."""
-    first = {"shard": "shard-00000", "requested": 3}
-    store.commit("shard-00000", [record(i) for i in (0, 1, 2)], first)
-    late = {"shard": "shard-00000", "requested": 3}
-    store.commit("shard-00000", [record(i) for i in (0, 0, 5)], late)  # the other attempt lands after
+def test_a_committed_shard_never_changes_whatever_attempt_lands_later(store: RunStore, tmp_path: Path) -> None:
+    """A retry runs while the first attempt, thought lost, still runs: whichever commits first stays; the other
+    gets that summary back and removes its own files; a retry that starts after the commit does no work."""
+    first = store.commit("shard-00000", [record(i) for i in (0, 1, 2)], {"shard": "shard-00000", "requested": 3})
+    late = store.commit("shard-00000", [record(i) for i in (0, 0, 5)], {"shard": "shard-00000", "requested": 3})
+    assert late == first
+    assert sorted(p.name for p in store.shards_dir.iterdir()) == sorted(
+        [f"{first['files']}.jsonl", f"{first['files']}.digests", "shard-00000.json"])  # fmt: skip
     resumed = RunStore(store.run_dir)
-    assert resumed.load_committed()["shard-00000"]["files"] == late["files"] != first["files"]
-    assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == (2, ["shard-00000"])
-    assert read_jsonl(tmp_path / "out.jsonl") == [record(0), record(5)]
+    assert resumed.load_committed()["shard-00000"] == first
+    assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == (3, ["shard-00000"])
+    recipe = load_recipe("tiny")
+    (shard,) = plan_shards(3, 3)
+    assert run_shard(recipe, shard, [], None, store) == first  # type: ignore[arg-type]  # no server needed
+
+
+def test_sweep_removes_what_no_committed_shard_names(store: RunStore) -> None:
+    commit(store, "shard-00000", [0, 1])
+    (store.shards_dir / "shard-00001.deadbeef.jsonl").write_text("{}\n")  # an attempt that died before its summary
+    (store.shards_dir / "shard-00001.deadbeef.digests").write_bytes(b"x" * 16)
+    (store.shards_dir / ".shard-00002.json.tmp4242").write_text("{")
+    assert store.sweep() == 3
+    assert sorted(p.suffix for p in store.shards_dir.iterdir()) == [".digests", ".json", ".jsonl"]
 
 
 def test_output_parts_are_named_as_hugging_face_names_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
