@@ -9,7 +9,6 @@ record (a digest, for exact-duplicate removal); records stay on disk and the mer
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import itertools
@@ -20,7 +19,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -31,37 +30,37 @@ DATA_SUFFIXES = (".jsonl", ".digests")  # a shard attempt's files, beside its su
 TOTALS = ("requested", "valid", "output_tokens")  # kept summed: the progress line reads them on every turn
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A temp file beside `path`, fsynced and renamed over `path` when the block ends without error (removed if
-    it raises); then the directory is fsynced, so the rename survives a crash."""
+def synced_temp(path: Path, data: bytes) -> Path:
+    """`data` in a temp file beside `path`, fsynced: ready to be renamed or linked into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    try:
-        with tmp.open("wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data` atomically: a synced temp file renamed over it, then the directory fsynced."""
+    tmp = synced_temp(path, data.encode() if isinstance(data, str) else data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def publish_once(path: Path, text: str) -> bool:
     """Put `text` at `path` atomically unless something is there already; True if this call put it there. A hard
     link of a complete temp file, which fails if `path` exists (Lustre, NFS, GPFS, local filesystems all have
     them); where links are not supported, a rename after a check, which two writers could both pass."""
-    tmp = temp_beside(path)
+    tmp = synced_temp(path, text.encode())
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -82,11 +81,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def jsonl(records: list[dict]) -> str:
