@@ -144,7 +144,7 @@ class Job:
         budget = int(gen.budget * n)
         if requested >= budget:
             raise BudgetExhausted(unique, requested)
-        valid = sum(x["valid"] for x in self.summaries.values()) - dupes
+        valid = self.store.totals["valid"] - dupes
         sizes = top_up_sizes(n - unique, valid, requested, gen.shard_size, parallel, budget - requested)
         first = max(s.index for s in self.shards) + 1
         added = [self._shard(first + i, size) for i, size in enumerate(sizes)]

@@ -102,6 +102,7 @@ class RunStore:
         self.summaries: dict[str, dict[str, Any]] = {}  # committed shards, by id
         self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
         self.totals: Counter[str] = Counter()  # their summaries' counts summed (requested, valid, output_tokens)
+        self._last_selection: tuple[Any, Any] = (None, None)  # (shards and limit, their selection)
 
     def open(self, recipe_hash: str, fresh: bool, source: str, keep: tuple[str, ...] = ()) -> None:
         """Claim the run dir for this recipe; refuse one made by a different recipe unless `fresh`, which wipes
@@ -120,6 +121,7 @@ class RunStore:
             self.summaries.clear()
             self._digests.clear()
             self.totals.clear()
+            self._last_selection = (None, None)
         if fresh and self.run_dir.exists():
             for path in self.run_dir.iterdir():
                 if path.name in keep:
@@ -199,7 +201,15 @@ class RunStore:
 
     def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
         """Which records of these committed shards, read in this order, make the output: the first copy of each,
-        up to `limit`. Returns a mask over their records and how many duplicates were passed over before the cut."""
+        up to `limit`. Returns a mask over their records and how many duplicates were passed over before the cut.
+        The last answer is kept: a job's end asks it three times (last top-up check, merge, manifest), and a
+        committed shard never changes, so the same shards and limit give the same answer."""
+        key = (tuple(shard_ids), limit)
+        if self._last_selection[0] != key:
+            self._last_selection = (key, self._select(shard_ids, limit))
+        return self._last_selection[1]
+
+    def _select(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
         digests = np.frombuffer(b"".join(self._digests[i] for i in shard_ids), dtype=np.dtype((np.void, DIGEST_SIZE)))
         keep = np.zeros(len(digests), dtype=bool)
         keep[np.unique(digests, return_index=True)[1]] = True
