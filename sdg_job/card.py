@@ -50,6 +50,16 @@ def is_card_of(text: str, output_name: str) -> bool:
     return isinstance(front, dict) and (front.get("sdg_job") or {}).get("output") == output_name
 
 
+def card_places(out: Path) -> tuple[Path, Path]:
+    """Where the card of output `out` goes: README.md beside it (what the Hub reads), or `<name>.README.md` when a
+    README.md there is not this output's card (a user's, or another recipe's in a shared output dir)."""
+    return out.with_name("README.md"), out.with_name(f"{out.stem}.README.md")
+
+
+def holds_card_of(path: Path, out: Path) -> bool:
+    return path.exists() and is_card_of(path.read_text(errors="replace"), out.name)
+
+
 def _metadata(manifest: dict, data_files: list[str], columns: Columns | None) -> dict[str, Any]:
     # datasets checks num_examples only when num_bytes is given (JSONL bytes here; its own count is Arrow's)
     split = {"name": "train", "num_examples": manifest["records"], "num_bytes": manifest["output_bytes"]}

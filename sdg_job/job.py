@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from sdg_job.card import SHOWN, Columns, dataset_card, is_card_of, merge_columns
+from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
 from sdg_job.errors import Interrupted, JobError, RecipeError
 from sdg_job.generate import Endpoint
@@ -288,8 +288,8 @@ class Job:
         # The manifest, written last, vouches for the output, and the card describes it: neither while it is
         # replaced (several files cannot be renamed at once: a crash in between must not leave them over a mix).
         self.recipe.manifest_path.unlink(missing_ok=True)
-        for card in (out.with_name("README.md"), out.with_name(f"{out.stem}.README.md")):
-            if card.exists() and is_card_of(card.read_text(errors="replace"), out.name):
+        for card in card_places(out):
+            if holds_card_of(card, out):
                 card.unlink()
         fsync_dir(out.parent)
         count, self.output_shards = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
@@ -300,12 +300,10 @@ class Job:
         return count
 
     def write_card(self, manifest: dict[str, Any]) -> Path:
-        """The Hugging Face dataset card: README.md beside the output, unless a README.md there is not this
-        output's card (a user's, or another recipe's in a shared output dir): then `<name>.README.md`."""
+        """The Hugging Face dataset card, in the first of `card_places` that is free or holds this output's card."""
         out = self.recipe.output_path
-        path = out.with_name("README.md")
-        if path.exists() and not is_card_of(path.read_text(errors="replace"), out.name):
-            path = out.with_name(f"{out.stem}.README.md")
+        readme, own_name = card_places(out)
+        path = readme if not readme.exists() or holds_card_of(readme, out) else own_name
         with self.recipe.output_files[0].open(encoding="utf-8") as f:
             samples = [json.loads(line) for line in itertools.islice(f, SHOWN)]
         # Types each shard worker found over its records, for the shards the output took records from; a shard
