@@ -74,3 +74,17 @@ def processes_with_env(name: str, value: str) -> dict[int, str]:
         if f"{name}={value}".encode() in environ.split(b"\0") and start_time(int(entry)) is not None:
             found[int(entry)] = cmdline.strip()
     return found
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory):
+    """`datasets`, imported offline with its home in a temp dir (nothing touches ~/.cache or the network)."""
+    home = tmp_path_factory.mktemp("hf")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"HF_HOME": home, "HF_DATASETS_CACHE": home / "datasets", "HF_HUB_OFFLINE": "1",
+                            "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():  # fmt: skip
+            mp.setenv(name, str(value))
+        import datasets
+
+        datasets.disable_progress_bars()
+        yield datasets

@@ -93,20 +93,6 @@ def manifest(records: int, projection: str = "openai_messages") -> dict[str, Any
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory: pytest.TempPathFactory):
-    """`datasets`, imported offline with its home in a temp dir (nothing touches ~/.cache or the network)."""
-    home = tmp_path_factory.mktemp("hf")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"HF_HOME": home, "HF_DATASETS_CACHE": home / "datasets", "HF_HUB_OFFLINE": "1",
-                            "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():  # fmt: skip
-            mp.setenv(name, str(value))
-        import datasets
-
-        datasets.disable_progress_bars()
-        yield datasets
-
-
 def write_output(out: Path, records: list[dict], files: int, columns: Any, projection: str) -> list[str]:
     """The records as JSONL in `files` parts, with the card as README.md; returns the data file names. `columns`:
     the records' types as the job finds them, one shard at a time (or None, as for shards from before types)."""

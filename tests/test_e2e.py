@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def test_rerun_skips_finished_shards_and_keeps_the_output(tiny_run) -> None:
     assert (out_dir / "tiny.jsonl").read_text() == before
 
 
-def test_rerun_can_split_the_same_records_into_parts_that_datasets_loads(tiny_run, tmp_path: Path) -> None:
+def test_rerun_can_split_the_same_records_into_parts_that_datasets_loads(hf, tiny_run, tmp_path: Path) -> None:
     """Splitting is how the merge lays records out, not what they are: a rerun with `output_records_per_file`
     regenerates nothing, writes the same records in Hugging Face-style parts and removes the whole file."""
     out_dir, first = tiny_run
@@ -107,14 +106,15 @@ def test_rerun_can_split_the_same_records_into_parts_that_datasets_loads(tiny_ru
     manifest = manifest_of(copy, "tiny")
     assert manifest["shards_skipped_on_resume"] == len(manifest["shards"])
     assert manifest["output_files"] == [p.name for p in parts]
-    loaded = load_dataset("json", data_files=[str(p) for p in parts], tmp_path=tmp_path)
+    cache = str(tmp_path / "hf-cache")
+    loaded = hf.load_dataset("json", data_files=[str(p) for p in parts], split="train", cache_dir=cache)
     assert loaded.to_list() == read_jsonl(out_dir / "tiny.jsonl")
     # The card moved with the layout: `load_dataset(dir)` reads its files and features from it.
     assert manifest["card"] == "README.md"
-    assert load_dataset(str(copy), tmp_path=tmp_path).to_list() == loaded.to_list()
+    assert hf.load_dataset(str(copy), split="train", cache_dir=cache).to_list() == loaded.to_list()
 
 
-def test_dataset_card_beside_the_output_describes_it(tiny_run, tmp_path: Path) -> None:
+def test_dataset_card_beside_the_output_describes_it(hf, tiny_run, tmp_path: Path) -> None:
     out_dir, result = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
     card = (out_dir / "README.md").read_text()
@@ -129,15 +129,7 @@ def test_dataset_card_beside_the_output_describes_it(tiny_run, tmp_path: Path) -
     manifest = manifest_of(out_dir, "tiny")
     assert front["sdg_job"]["recipe_sha256"] == manifest["recipe_sha256"]
     assert "smollm2-135m" in card and json.dumps(read_jsonl(out_dir / "tiny.jsonl")[0]["messages"][0]["role"]) in card
-    assert load_dataset(str(out_dir), tmp_path=tmp_path).num_rows == 10
-
-
-def load_dataset(*args: str, tmp_path: Path, **kwargs):
-    """Hugging Face `datasets`, offline, its cache in the test's temp dir."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import datasets
-
-    return datasets.load_dataset(*args, split="train", cache_dir=str(tmp_path / "hf-cache"), **kwargs)
+    assert hf.load_dataset(str(out_dir), split="train", cache_dir=str(tmp_path / "hf-cache")).num_rows == 10
 
 
 def test_changed_recipe_refuses_the_old_run_dir_unless_fresh(tiny_run) -> None:

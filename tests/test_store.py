@@ -96,17 +96,13 @@ def test_output_parts_are_named_as_hugging_face_names_them(monkeypatch: pytest.M
     assert load_recipe("tiny", ["num_records=10"]).output_files == [tmp_path / "tiny.jsonl"]
 
 
-def test_every_output_layout_loads_with_datasets(store: RunStore, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
+def test_every_output_layout_loads_with_datasets(hf, store: RunStore, tmp_path: Path) -> None:
     commit(store, "shard-00000", list(range(25)))
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     store.merge(["shard-00000"], 25, [whole / "train.jsonl"], per_file=25)
     store.merge(["shard-00000"], 25, [parts / f"train-0000{i}-of-00003.jsonl" for i in range(3)], per_file=10)
     for files in (str(whole / "train.jsonl"), sorted(str(p) for p in parts.iterdir())):
-        loaded = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+        loaded = hf.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
         assert loaded.num_rows == 25 and loaded[24] == record(24)
 
 
