@@ -88,3 +88,54 @@ def hf(tmp_path_factory: pytest.TempPathFactory):
 
         datasets.disable_progress_bars()
         yield datasets
+
+
+# ---------------------------------------------------------------- the project's image on a real Docker engine
+# One engine and one build per test session, shared by the Docker tests (tests/test_docker.py) and the pyxis tests
+# (tests/test_pyxis.py, which import the image into enroot): the build is the slow part (~70 s, mostly pip).
+DOCKER_SECRET = "sk-SENTINEL-docker-0123456789abcdef"
+PROJECT_IMAGE = "sdg-job"
+
+
+def docker(env: dict[str, str], *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"docker {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def host_network() -> tuple[str, list[str]]:
+    return Path("/proc/sys/net/ipv4/ip_forward").read_text(), sorted(os.listdir("/sys/class/net"))
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory) -> dict[str, str]:
+    """A Docker engine of the session's own (scripts/docker-engine.sh); the environment its clients need
+    (DOCKER_HOST). The sentinel key is in it from the start, so every build and run could leak it."""
+    state = tmp_path_factory.mktemp("docker") / "engine"
+    network_before = host_network()
+    engine = REPO / "scripts" / "docker-engine.sh"
+    up = subprocess.run(["bash", str(engine), "up", str(state)], capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, f"the Docker engine did not start (installing it needs root):\n{up.stderr}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SDG_", "OPENAI_", "NEMO"))}
+    try:
+        yield env | {"DOCKER_HOST": f"unix://{state}/docker.sock", "OPENAI_API_KEY": DOCKER_SECRET}
+    finally:
+        pid = int((state / "dockerd.pid").read_text()) if (state / "dockerd.pid").is_file() else None
+        subprocess.run(["bash", str(engine), "down", str(state)], timeout=120)
+    assert host_network() == network_before, "the engine changed the host's network (ip_forward or interfaces)"
+    assert pid is None or start_time(pid) is None, f"dockerd {pid} outlived `docker-engine.sh down`"
+    assert str(state) not in Path("/proc/self/mounts").read_text(), "mounts left under the engine's state dir"
+
+
+@pytest.fixture(scope="session")
+def project_image(docker_engine) -> dict[str, str | float]:
+    """The stand-in base (scripts/vllm-standin-image.sh), then the project's image built FROM it as the README says."""
+    standin = REPO / "scripts" / "vllm-standin-image.sh"
+    built = subprocess.run(["bash", str(standin)], env=docker_engine, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, f"the stand-in vLLM image was not built:\n{built.stderr[-3000:]}"
+    base = built.stdout.strip().splitlines()[-1]
+    started = time.monotonic()
+    build = docker(docker_engine, "build", "--network", "host", "--build-arg", f"VLLM_IMAGE={base}", "-t",
+                   PROJECT_IMAGE, str(REPO), timeout=900)  # fmt: skip
+    return {"base": base, "log": build.stdout + build.stderr, "seconds": time.monotonic() - started}

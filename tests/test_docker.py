@@ -17,67 +17,21 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sdg_job.config import load_recipe
 from sdg_job.serve import Server
-from sdg_job.supervise import start_time
-from tests.conftest import REPO, all_files, read_jsonl
+from tests.conftest import DOCKER_SECRET, PROJECT_IMAGE, REPO, all_files, docker, read_jsonl
 from tests.test_launch import everything_written
 
 pytestmark = pytest.mark.e2e
-ENGINE = REPO / "scripts" / "docker-engine.sh"
-STANDIN = REPO / "scripts" / "vllm-standin-image.sh"
-IMAGE = "sdg-job"
-SECRET = "sk-SENTINEL-docker-0123456789abcdef"
+IMAGE = PROJECT_IMAGE
+SECRET = DOCKER_SECRET
 UID = GID = 1234  # a user of this machine who is not root (and has no entry in the image's /etc/passwd)
 USER = f"{UID}:{GID}"
 RECIPES = ("default", "tiny", "rl_pref", "customer_support_tools")
-
-
-def docker(env: dict[str, str], *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["docker", *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, f"docker {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def host_network() -> tuple[str, list[str]]:
-    return Path("/proc/sys/net/ipv4/ip_forward").read_text(), sorted(os.listdir("/sys/class/net"))
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> dict[str, str]:
-    """A Docker engine of this module's own; the environment its clients need (DOCKER_HOST). The sentinel key is in
-    it from the start, so every build and run below could leak it."""
-    state = tmp_path_factory.mktemp("docker") / "engine"
-    network_before = host_network()
-    up = subprocess.run(["bash", str(ENGINE), "up", str(state)], capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, f"the Docker engine did not start (installing it needs root):\n{up.stderr}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SDG_", "OPENAI_", "NEMO"))}
-    try:
-        yield env | {"DOCKER_HOST": f"unix://{state}/docker.sock", "OPENAI_API_KEY": SECRET}
-    finally:
-        pid = int((state / "dockerd.pid").read_text()) if (state / "dockerd.pid").is_file() else None
-        subprocess.run(["bash", str(ENGINE), "down", str(state)], timeout=120)
-    assert host_network() == network_before, "the engine changed the host's network (ip_forward or interfaces)"
-    assert pid is None or start_time(pid) is None, f"dockerd {pid} outlived `docker-engine.sh down`"
-    assert str(state) not in Path("/proc/self/mounts").read_text(), "mounts left under the engine's state dir"
-
-
-@pytest.fixture(scope="module")
-def image(engine) -> dict[str, str | float]:
-    """The stand-in base, then the project's image built FROM it as the README says."""
-    standin = subprocess.run(["bash", str(STANDIN)], env=engine, capture_output=True, text=True, timeout=900)
-    assert standin.returncode == 0, f"the stand-in vLLM image was not built:\n{standin.stderr[-3000:]}"
-    base = standin.stdout.strip().splitlines()[-1]
-    started = time.monotonic()
-    build = docker(engine, "build", "--network", "host", "--build-arg", f"VLLM_IMAGE={base}", "-t", IMAGE, str(REPO),
-                   timeout=900)  # fmt: skip
-    return {"base": base, "log": build.stdout + build.stderr, "seconds": time.monotonic() - started}
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +51,8 @@ def owned_out_dir(tmp_path: Path) -> Path:
     return out
 
 
-def test_build_checks_both_environments_and_leaves_the_base_one_intact(engine, image) -> None:
-    log = str(image["log"])
+def test_build_checks_both_environments_and_leaves_the_base_one_intact(docker_engine, project_image) -> None:
+    log = str(project_image["log"])
     assert re.search(r"pip check, sdg-job's environment:\s+No broken requirements found", log), log[-3000:]
     assert re.search(r"pip check, the image's own environment \(/opt/venv/bin/python3\):\s+No broken requirements",
                      log), log[-3000:]  # fmt: skip
@@ -107,8 +61,9 @@ def test_build_checks_both_environments_and_leaves_the_base_one_intact(engine, i
         "command -v python3 vllm; vllm --version; python3 -m pip check; /opt/venv/bin/python -m pip check; "
         f"python3 -c '{versions}'"
     )
-    result = docker(engine, "run", "--rm", "--network", "host", "--user", USER, "--entrypoint", "bash", IMAGE, "-c",
-                    script)  # fmt: skip
+    result = docker(
+        docker_engine, "run", "--rm", "--network", "host", "--user", USER, "--entrypoint", "bash", IMAGE, "-c", script
+    )
     out = result.stdout
     # sdg-job's venv comes first on PATH; the `vllm` the job starts is the base image's, in its own environment.
     assert out.splitlines()[:2] == ["/opt/sdg-job/venv/bin/python3", "/opt/venv/bin/vllm"], out
@@ -117,9 +72,9 @@ def test_build_checks_both_environments_and_leaves_the_base_one_intact(engine, i
     assert re.search(r"sdg-job mcp 1\.\d+\.\d+ 0\.9\.7", out), out
 
 
-def test_docker_run_against_an_openai_endpoint_on_the_host(engine, image, endpoint, tmp_path) -> None:
+def test_docker_run_against_an_openai_endpoint_on_the_host(docker_engine, project_image, endpoint, tmp_path) -> None:
     out = owned_out_dir(tmp_path)
-    env = engine | {"OPENAI_BASE_URL": endpoint, "OPENAI_API_KEY": SECRET}
+    env = docker_engine | {"OPENAI_BASE_URL": endpoint, "OPENAI_API_KEY": SECRET}
     result = docker(env, "run", "--rm", "--network", "host", "--user", USER, "-e", "OPENAI_BASE_URL", "-e",
                     "OPENAI_API_KEY", "-v", f"{out}:/out", IMAGE, "recipe=tiny", "provider=openai")  # fmt: skip
     assert "wrote 10 records to /out/sdg/tiny.jsonl" in result.stdout, result.stderr[-3000:]
@@ -137,18 +92,18 @@ def test_docker_run_against_an_openai_endpoint_on_the_host(engine, image, endpoi
     assert SECRET not in result.stdout + result.stderr
 
 
-def test_image_runs_as_a_user_with_hf_settings_and_holds_no_secret(engine, image) -> None:
-    (inspect,) = json.loads(docker(engine, "image", "inspect", IMAGE).stdout)
+def test_image_runs_as_a_user_with_hf_settings_and_holds_no_secret(docker_engine, project_image) -> None:
+    (inspect,) = json.loads(docker(docker_engine, "image", "inspect", IMAGE).stdout)
     config = inspect["Config"]
     assert config["User"] == "1000:1000"
     assert config["Entrypoint"] == ["python3", "-m", "sdg_job", "run"]
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["HF_HOME"] == "/home/sdg/.cache/huggingface" and env["HF_HUB_OFFLINE"] == "0"
     assert env["NEMO_RUN_DIR"] == "/out" and env["PATH"].startswith("/opt/sdg-job/venv/bin:")
-    history = docker(engine, "history", "--no-trunc", IMAGE).stdout
+    history = docker(docker_engine, "history", "--no-trunc", IMAGE).stdout
     assert SECRET not in history and SECRET not in json.dumps(inspect)
     # Every byte of every layer.
-    with subprocess.Popen(["docker", "save", IMAGE], env=engine, stdout=subprocess.PIPE) as save:
+    with subprocess.Popen(["docker", "save", IMAGE], env=docker_engine, stdout=subprocess.PIPE) as save:
         assert save.stdout is not None
         tail, size = b"", 0
         while chunk := save.stdout.read(1 << 20):
@@ -157,41 +112,87 @@ def test_image_runs_as_a_user_with_hf_settings_and_holds_no_secret(engine, image
     assert save.returncode == 0 and size > 100_000_000
     # Settable at run time, for staged weights on a node without internet.
     probe = "import os; print(os.getuid(), os.environ['HF_HOME'], os.environ['HF_HUB_OFFLINE'], os.environ['HOME'])"
-    result = docker(engine, "run", "--rm", "--network", "host", "--user", USER, "-e", "HF_HOME=/models", "-e",
+    result = docker(docker_engine, "run", "--rm", "--network", "host", "--user", USER, "-e", "HF_HOME=/models", "-e",
                     "HF_HUB_OFFLINE=1", "--entrypoint", "python3", IMAGE, "-c", probe)  # fmt: skip
     assert result.stdout.split() == [str(UID), "/models", "1", "/home/sdg"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_validate_each_recipe_in_the_image(engine, image, recipe: str) -> None:
-    result = docker(engine, "run", "--rm", "--network", "host", "--user", USER, "--entrypoint", "python3", IMAGE, "-m",
-                    "sdg_job", "validate", f"recipe={recipe}")  # fmt: skip
+def test_validate_each_recipe_in_the_image(docker_engine, project_image, recipe: str) -> None:
+    result = docker(
+        docker_engine,
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--user",
+        USER,
+        "--entrypoint",
+        "python3",
+        IMAGE,
+        "-m",
+        "sdg_job",
+        "validate",
+        f"recipe={recipe}",
+    )
     assert f"# ok: /opt/sdg-job/recipes/{recipe}.yaml" in result.stderr
     assert f"name: {recipe}" in result.stdout
 
 
-def test_a_bad_recipe_mounted_in_exits_2_naming_file_and_key(engine, image, tmp_path) -> None:
+def test_a_bad_recipe_mounted_in_exits_2_naming_file_and_key(docker_engine, project_image, tmp_path) -> None:
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "mine.yaml").write_text("defaults: [tiny]\nname: mine\nnum_records: -5\n")
     out = owned_out_dir(tmp_path)
-    result = docker(engine, "run", "--rm", "--network", "host", "--user", USER, "-v", f"{recipes}:/recipes:ro", "-v",
-                    f"{out}:/out", IMAGE, "recipe=/recipes/mine.yaml", check=False)  # fmt: skip
+    result = docker(
+        docker_engine,
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--user",
+        USER,
+        "-v",
+        f"{recipes}:/recipes:ro",
+        "-v",
+        f"{out}:/out",
+        IMAGE,
+        "recipe=/recipes/mine.yaml",
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "/recipes/mine.yaml" in result.stderr and "num_records" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(out.iterdir()) == []
 
 
-def test_the_job_in_the_image_starts_vllm_from_the_images_own_environment(engine, image, tmp_path) -> None:
+def test_the_job_in_the_image_starts_vllm_from_the_images_own_environment(
+    docker_engine, project_image, tmp_path
+) -> None:
     """provider=local with engine vllm: the server the job starts is the base image's `vllm`, with mcp 2 beside it
     and the key in its environment. (The stand-in has no engine: it says where it runs and exits 3. Ray is told of
     one pretend GPU, as the Slurm tests' nodes have pretend GPUs, so it places the server actor.)"""
     out = owned_out_dir(tmp_path)
     gpu = 'RAY_OVERRIDE_RESOURCES={"GPU": 1}'
-    result = docker(engine, "run", "--rm", "--network", "host", "--user", USER, "-e", gpu, "-v", f"{out}:/out", IMAGE,
-                    "recipe=tiny", "serve.engine=vllm", "serve.model=org/model", "serve.data_parallel_size=1",
-                    check=False)  # fmt: skip
+    result = docker(
+        docker_engine,
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--user",
+        USER,
+        "-e",
+        gpu,
+        "-v",
+        f"{out}:/out",
+        IMAGE,
+        "recipe=tiny",
+        "serve.engine=vllm",
+        "serve.model=org/model",
+        "serve.data_parallel_size=1",
+        check=False,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "vllm server exited with code 3 during start-up" in result.stderr, result.stderr[-3000:]
     (log,) = (out / "sdg" / ".tiny.run" / "logs").glob("server-*.log")
@@ -202,13 +203,13 @@ def test_the_job_in_the_image_starts_vllm_from_the_images_own_environment(engine
                      text), text  # fmt: skip
 
 
-def test_launcher_docker_executor_runs_the_job_in_the_image(engine, image, endpoint, tmp_path) -> None:
+def test_launcher_docker_executor_runs_the_job_in_the_image(docker_engine, project_image, endpoint, tmp_path) -> None:
     """`python launch/run.py --executor docker` for real, with the README's arguments and the shipped profile (image
     sdg-job:latest, job dir ./nemo_experiments): NeMo-Run's DockerExecutor on the host network, the key in the user's
     secrets file (mounted, never written to NeMo-Run's files), the output in the job dir, owned by the user."""
     secrets = tmp_path / "sdg_secrets.env"
     secrets.write_text(f"OPENAI_API_KEY={SECRET}\n")
-    env = engine | {"NEMORUN_HOME": str(tmp_path / "nemorun_home")}
+    env = docker_engine | {"NEMORUN_HOME": str(tmp_path / "nemorun_home")}
     cmd = [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "docker", "recipe=tiny", "provider=openai",
            f"providers.openai.endpoint={endpoint}", "docker.num_gpus=0", f"docker.secrets_file={secrets}"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
