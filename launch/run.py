@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Literal
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # a plain checkout works too
@@ -29,6 +30,9 @@ from sdg_job.config import apply_overrides, load_recipe  # noqa: E402
 from sdg_job.config.load import read_yaml_mapping  # noqa: E402
 from sdg_job.errors import RecipeError  # noqa: E402
 
+if TYPE_CHECKING:
+    from invoke.exceptions import UnexpectedExit
+
 DEFAULT_PROFILE = REPO / "launch" / "profiles" / "example.yaml"
 SLURM_TEMPLATE = REPO / "slurm" / "sdg-job.sbatch.j2"
 EXECUTORS = ("local", "docker", "slurm")
@@ -39,10 +43,14 @@ class Strict(BaseModel):
 
 
 class SSH(Strict):
+    """How this machine reaches the cluster's login node (NeMo-Run's SSHTunnel: paramiko for commands, rsync over the
+    `ssh` on PATH for the experiment's files, so the login node's host key must be in your known_hosts)."""
+
     host: str
     user: str
-    identity: str | None = None
-    pre_command: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535, description="default: 22, or your ~/.ssh/config's Port")
+    identity: str | None = Field(default=None, description="private key on this machine (`~` is expanded here)")
+    pre_command: str | None = Field(default=None, description="run on the login node before every command")
 
 
 class SlurmProfile(Strict):
@@ -74,6 +82,12 @@ class SlurmProfile(Strict):
     def _consistent(self) -> SlurmProfile:
         if self.tunnel == "ssh" and self.ssh is None:
             raise ValueError("tunnel: ssh needs slurm.ssh.host and slurm.ssh.user")
+        if self.tunnel == "ssh" and not PurePosixPath(self.job_dir).is_absolute():
+            # It lands in #SBATCH lines and paths on the cluster, where nothing expands `~` or a relative path.
+            raise ValueError("tunnel: ssh needs an absolute slurm.job_dir: a path on the cluster's shared storage")
+        if self.tunnel == "ssh" and self.container == "none" and not self.venv:
+            raise ValueError("tunnel: ssh with container: none needs slurm.venv: the installation's path on the "
+                             "cluster (the venv this launcher runs from is on this machine)")  # fmt: skip
         if self.container == "pyxis" and not self.container_image:
             raise ValueError("container: pyxis needs slurm.container_image (or container: none)")
         return self
@@ -129,10 +143,14 @@ def job_args(recipe_ref: str, overrides: list[str]) -> list[str]:
 def slurm_executor(p: SlurmProfile):
     import nemo_run as run
 
+    # The same layout on the cluster either way: job_dir/experiments/<title>/<id>/<task>/ (NeMo-Run adds the rest).
     experiments = os.path.join(p.job_dir, "experiments")
+    tunnel: run.SSHTunnel | run.LocalTunnel
     if p.ssh is not None and p.tunnel == "ssh":
-        tunnel = run.SSHTunnel(host=p.ssh.host, user=p.ssh.user, job_dir=p.job_dir, identity=p.ssh.identity,
-                               pre_command=p.ssh.pre_command)  # fmt: skip
+        # paramiko opens the identity as given: expand `~` here, where the key is.
+        identity = str(Path(p.ssh.identity).expanduser()) if p.ssh.identity else None
+        tunnel = run.SSHTunnel(host=p.ssh.host, user=p.ssh.user, port=p.ssh.port, job_dir=experiments,
+                               identity=identity, pre_command=p.ssh.pre_command)  # fmt: skip
     else:
         tunnel = run.LocalTunnel(job_dir=experiments)
     sbatch: dict[str, str | bool] = {"export": "ALL", "open_mode": "append"}  # secrets come from the environment
@@ -152,7 +170,10 @@ def slurm_executor(p: SlurmProfile):
     }
     if p.container == "pyxis":
         env["NEMO_RUN_DIR"] = "/nemo_run"  # NeMo-Run mounts the job dir there; with none, the script sets the path
-    venv = Path(p.venv).expanduser() if p.venv else Path(sys.prefix)
+    if p.tunnel == "ssh":  # a path on the cluster, read by the job's shell: there `~` is the job's $HOME
+        venv = re.sub(r"^~(?=/|$)", "$HOME", p.venv or "")
+    else:
+        venv = str(Path(p.venv).expanduser() if p.venv else Path(sys.prefix))
     return run.SlurmExecutor(
         account=p.account,
         partition=p.partition,
@@ -213,19 +234,34 @@ def main(argv: list[str] | None = None) -> int:
         ref, overrides = recipe_and_overrides([a for a in ns.args if a not in profile_overrides])
         recipe = load_recipe(ref, overrides)  # reject bad input here, before anything is submitted
         profile = load_profile(ns.profile, profile_overrides, ns.executor)
+        if ns.executor == "slurm" and not ns.dryrun:
+            check_ssh_identity(ns.profile, profile)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return launch(ns.executor, profile, job_args(ref, overrides), ns.name or f"sdg-{recipe.name}", ns.dryrun)
 
 
+def check_ssh_identity(path: Path, profile: Profile) -> None:
+    """paramiko fails on a missing key file with a traceback, after NeMo-Run has begun the experiment: say it first."""
+    p = profile.slurm
+    if p is not None and p.tunnel == "ssh" and p.ssh is not None and p.ssh.identity:
+        if not Path(p.ssh.identity).expanduser().is_file():
+            raise RecipeError(str(path), "slurm.ssh.identity", f"{p.ssh.identity}: no such file on this machine")
+
+
 def launch(executor_name: str, profile: Profile, args: list[str], name: str, dryrun: bool) -> int:
     import nemo_run as run
+    from invoke.exceptions import UnexpectedExit  # NeMo-Run's tunnels run commands with invoke
 
     python, metadata = sys.executable, {}
+    base_dir: str | None
     if executor_name == "slurm" and profile.slurm:
-        # NeMo-Run writes experiments to <base_dir>/experiments, where the LocalTunnel's job_dir points.
-        executor, base_dir = slurm_executor(profile.slurm), profile.slurm.job_dir
+        # NeMo-Run writes the experiment to <base_dir>/experiments/…: with the LocalTunnel that is the job dir on shared
+        # storage, where the tunnel's job_dir points. Over SSH it is NeMo-Run's home on this machine (NEMORUN_HOME,
+        # ~/.nemo_run); NeMo-Run copies it (rsync) to the tunnel's job_dir on the cluster before submitting.
+        executor = slurm_executor(profile.slurm)
+        base_dir = None if profile.slurm.tunnel == "ssh" else profile.slurm.job_dir
         # The command lands in a shell line of the sbatch script: quote each argument.
         args, python, metadata = [shlex.quote(a) for a in args], "python3", {"use_with_ray_cluster": True}
     elif executor_name == "docker" and profile.docker:
@@ -241,7 +277,8 @@ def launch(executor_name: str, profile: Profile, args: list[str], name: str, dry
         exp.add(task, name=name)
         if executor_name == "slurm":
             # sbatch opens the job's output file before the script runs: put it in the task's job dir, which NeMo-Run
-            # has made by then (its default, <job dir>/ray/logs, does not exist yet and the job dies unstarted).
+            # has made by then (its default, <job dir>/ray/logs, does not exist yet and the job dies unstarted). The
+            # path is the cluster's (the tunnel's job_dir); over SSH NeMo-Run's rsync has put the dir there first.
             task_executor = exp.jobs[-1].executor
             task_executor.job_details.folder = os.path.join(
                 task_executor.tunnel.job_dir, Path(task_executor.job_dir).name
@@ -250,13 +287,32 @@ def launch(executor_name: str, profile: Profile, args: list[str], name: str, dry
             exp.dryrun(log=False, delete_exp_dir=False)
             print(describe(executor_name, exp._exp_dir, name, executor, args))
             return 0
-        exp.run(detach=executor_name == "slurm", tail_logs=False)
+        try:
+            exp.run(detach=executor_name == "slurm", tail_logs=False)
+        except UnexpectedExit as e:  # a command for the cluster (mkdir, rsync, sbatch), locally or over SSH
+            print(f"error: {cluster_command_failed(e)}", file=sys.stderr)
+            return 1
         print(f"experiment: {exp._exp_dir}")
+        if executor_name == "slurm":
+            tunnel = exp.jobs[-1].executor.tunnel
+            where = f"{tunnel.user}@{tunnel.host}:" if isinstance(tunnel, run.SSHTunnel) else ""
+            print(f"job dir: {where}{exp.jobs[-1].executor.job_details.folder} (output under its sdg/)")
         if executor_name == "local":
             print(f"output under: {executor.env_vars['NEMO_RUN_DIR']}/sdg")
     if executor_name == "docker":  # leaving the experiment waited for the container
         return docker_outcome(exp.jobs[-1].executor.job_dir)
     return 0
+
+
+def cluster_command_failed(e: UnexpectedExit) -> str:
+    """What failed, without NeMo-Run's traceback, and what to do about the usual SSH causes."""
+    result = e.result
+    stderr = (result.stderr or "").strip()
+    message = f"`{result.command}` exited with {result.exited}" + (f":\n{stderr}" if stderr else "")
+    if "Host key verification failed" in stderr:
+        message += ("\nNeMo-Run copies the experiment with rsync over ssh, which checks the login node's host key: "
+                    "log in once with `ssh` (-p PORT) to add it to your known_hosts")  # fmt: skip
+    return message
 
 
 def docker_outcome(job_dir: str) -> int:
