@@ -50,7 +50,11 @@ RUN mkdir -p /out "$HF_HOME" \
  && if [ -z "$vllm" ] || [ "${vllm#/opt/sdg-job/}" != "$vllm" ]; then \
       echo "error: no vllm on PATH from the base image's own environment" >&2; exit 1; \
     fi \
- && echo "serve.vllm_command starts $vllm; python3 is $(command -v python3)"
+ && echo "serve.vllm_command starts $vllm; python3 is $(command -v python3)" \
+ && echo "export PATH=\"$PATH\"" > /etc/profile.d/00-image-path.sh
+# enroot (pyxis) starts every container through a login shell, and a login shell's /etc/profile resets PATH on
+# Debian-based images (found on the test cluster: `python3` was the system's, without sdg-job). profile.d runs after
+# that reset and puts the image's PATH back: sdg-job's venv first, then the base image's own (its `vllm`).
 
 # Not root. Run with --user "$(id -u):$(id -g)" so the files in the mounted /out are yours.
 USER 1000:1000

@@ -6,9 +6,10 @@
 #   scripts/vllm-standin-image.sh [TAG]     build both images; prints TAG (default sdg-test/vllm-standin:local)
 #
 # sdg-test/bookworm:local   Debian bookworm from the host's Debian mirror (`debootstrap --variant=minbase`, with
-#                           python3 and python3-venv), the host's CA bundle and apt sources, PIP_CERT/SSL_CERT_FILE
-#                           set (pip inside a build checks certificates against it). The debootstrap tarball is
-#                           cached in ${SDG_CACHE_DIR:-~/.cache/sdg-job}/debootstrap/.
+#                           python3, python3-venv and the C++/OpenMP runtimes that a mounted llama-server needs),
+#                           the host's CA bundle and apt sources, PIP_CERT/SSL_CERT_FILE set (pip inside a build
+#                           checks certificates against it). The debootstrap tarball is cached in
+#                           ${SDG_CACHE_DIR:-~/.cache/sdg-job}/debootstrap/.
 # TAG                       a stand-in for the official vLLM image: the image's own Python environment is a venv
 #                           first on PATH holding a tiny, locally built package `vllm` (0.33.0+standin, with a `vllm`
 #                           command) that requires mcp>=2.2,<3 as vLLM 0.33 does, so mcp 2.x is installed there.
@@ -18,7 +19,7 @@ set -euo pipefail
 tag="${1:-sdg-test/vllm-standin:local}"
 base_tag="sdg-test/bookworm:local"
 cache="${SDG_CACHE_DIR:-$HOME/.cache/sdg-job}/debootstrap"
-packages="python3,python3-venv"
+packages="python3,python3-venv,libgomp1,libstdc++6"
 docker=(docker)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -143,7 +143,7 @@ def server_command(spec: ServeSpec, port: int) -> tuple[list[str], str]:
         return vllm_command(spec, port), "VLLM_API_KEY"
     if spec.engine == "simulator":
         return simulator_command(spec, port), "SIMULATOR_API_KEY"
-    return llama_server_command(spec, port, llama_server_binary()), "LLAMA_API_KEY"
+    return llama_server_command(spec, port, spec.llama_server or llama_server_binary()), "LLAMA_API_KEY"
 
 
 def _die_with_parent() -> None:

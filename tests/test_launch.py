@@ -105,7 +105,8 @@ def test_slurm_script_on_the_pyxis_path_carries_the_review_fixes(tmp_path: Path)
     assert "ray start --head" in head and "--overlap" in driver and "sdg_job run" in driver
     assert "${head_container[@]}" in head and "${head_container[@]}" in driver
     assert "${head_container[@]}" not in worker
-    assert "head_container=(--container-name=sdg-ray-head)" in script
+    # A name of the job's own (pyxis' global scope would reuse an older job's container), removed when it ends.
+    assert 'head_name="sdg-ray-head-$SLURM_JOB_ID"' in script and 'enroot remove --force "pyxis_$head_name"' in script
     # No --gres on steps beside the job's --gpus-per-node; the driver takes no GPU.
     assert "#SBATCH --gpus-per-node=8" in script and "--gres" not in script
     assert '"${driver_gpus[@]}"' in driver and "driver_gpus=(--gpus=0)" in script
@@ -121,6 +122,9 @@ def test_slurm_script_on_the_pyxis_path_carries_the_review_fixes(tmp_path: Path)
     # The time-limit warning reaches the batch shell, which passes it on to the driver.
     assert "#SBATCH --signal=B:TERM@300" in script and "trap on_stop TERM USR1" in script
     assert "--container-workdir=/nemo_run " in script  # the job dir; NeMo-Run's /nemo_run/code is never made here
+    # Found on the real pyxis cluster: NeMo-Run mounts its (unmade) Ray dir into every step; the script makes it first.
+    ray_dir = re.search(r"--container-mounts \S*?,(\S+/ray):\1", script).group(1)
+    assert f'mkdir -p "{ray_dir}"' in script and "--container-writable" in script
     assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
 
 

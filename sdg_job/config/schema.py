@@ -102,6 +102,11 @@ class ServeSpec(Strict):
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_dtype: str | None = Field(default=None, description="vLLM --kv-cache-dtype, e.g. fp8 (layers/fp8.yaml)")
     # llama.cpp and the simulator
+    llama_server: str | None = Field(
+        default=None,
+        description="llama_cpp: the llama-server binary (e.g. one mounted into the image); default: llama-server on "
+        "PATH, else the cached build of scripts/build-llama-server.sh",
+    )
     parallel: int = Field(default=4, ge=1, description="llama-server slots (-np), simulator slots")
     seconds_per_token: float = Field(default=0.001, gt=0, description="simulator only: decode time per token")
     ctx_size: int = Field(default=8192, ge=256)
