@@ -51,6 +51,11 @@ def owned_out_dir(tmp_path: Path) -> Path:
     return out
 
 
+def run_image(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`docker run` as the README has it: on the host network, as a user who is not root."""
+    return docker(env, "run", "--rm", "--network", "host", "--user", USER, *args, check=check)
+
+
 def test_build_checks_both_environments_and_leaves_the_base_one_intact(docker_engine, project_image) -> None:
     log = str(project_image["log"])
     assert re.search(r"pip check, sdg-job's environment:\s+No broken requirements found", log), log[-3000:]
@@ -61,9 +66,7 @@ def test_build_checks_both_environments_and_leaves_the_base_one_intact(docker_en
         "command -v python3 vllm; vllm --version; python3 -m pip check; /opt/venv/bin/python -m pip check; "
         f"python3 -c '{versions}'"
     )
-    result = docker(
-        docker_engine, "run", "--rm", "--network", "host", "--user", USER, "--entrypoint", "bash", IMAGE, "-c", script
-    )
+    result = run_image(docker_engine, "--entrypoint", "bash", IMAGE, "-c", script)
     out = result.stdout
     # sdg-job's venv comes first on PATH; the `vllm` the job starts is the base image's, in its own environment.
     assert out.splitlines()[:2] == ["/opt/sdg-job/venv/bin/python3", "/opt/venv/bin/vllm"], out
@@ -75,8 +78,8 @@ def test_build_checks_both_environments_and_leaves_the_base_one_intact(docker_en
 def test_docker_run_against_an_openai_endpoint_on_the_host(docker_engine, project_image, endpoint, tmp_path) -> None:
     out = owned_out_dir(tmp_path)
     env = docker_engine | {"OPENAI_BASE_URL": endpoint, "OPENAI_API_KEY": SECRET}
-    result = docker(env, "run", "--rm", "--network", "host", "--user", USER, "-e", "OPENAI_BASE_URL", "-e",
-                    "OPENAI_API_KEY", "-v", f"{out}:/out", IMAGE, "recipe=tiny", "provider=openai")  # fmt: skip
+    result = run_image(env, "-e", "OPENAI_BASE_URL", "-e",
+                       "OPENAI_API_KEY", "-v", f"{out}:/out", IMAGE, "recipe=tiny", "provider=openai")  # fmt: skip
     assert "wrote 10 records to /out/sdg/tiny.jsonl" in result.stdout, result.stderr[-3000:]
     records = read_jsonl(out / "sdg" / "tiny.jsonl")
     assert len(records) == 10 and len({json.dumps(r, sort_keys=True) for r in records}) == 10
@@ -112,29 +115,14 @@ def test_image_runs_as_a_user_with_hf_settings_and_holds_no_secret(docker_engine
     assert save.returncode == 0 and size > 100_000_000
     # Settable at run time, for staged weights on a node without internet.
     probe = "import os; print(os.getuid(), os.environ['HF_HOME'], os.environ['HF_HUB_OFFLINE'], os.environ['HOME'])"
-    result = docker(docker_engine, "run", "--rm", "--network", "host", "--user", USER, "-e", "HF_HOME=/models", "-e",
-                    "HF_HUB_OFFLINE=1", "--entrypoint", "python3", IMAGE, "-c", probe)  # fmt: skip
+    result = run_image(docker_engine, "-e", "HF_HOME=/models", "-e",
+                       "HF_HUB_OFFLINE=1", "--entrypoint", "python3", IMAGE, "-c", probe)  # fmt: skip
     assert result.stdout.split() == [str(UID), "/models", "1", "/home/sdg"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_validate_each_recipe_in_the_image(docker_engine, project_image, recipe: str) -> None:
-    result = docker(
-        docker_engine,
-        "run",
-        "--rm",
-        "--network",
-        "host",
-        "--user",
-        USER,
-        "--entrypoint",
-        "python3",
-        IMAGE,
-        "-m",
-        "sdg_job",
-        "validate",
-        f"recipe={recipe}",
-    )
+    result = run_image(docker_engine, "--entrypoint", "python3", IMAGE, "-m", "sdg_job", "validate", f"recipe={recipe}")
     assert f"# ok: /opt/sdg-job/recipes/{recipe}.yaml" in result.stderr
     assert f"name: {recipe}" in result.stdout
 
@@ -144,22 +132,8 @@ def test_a_bad_recipe_mounted_in_exits_2_naming_file_and_key(docker_engine, proj
     recipes.mkdir()
     (recipes / "mine.yaml").write_text("defaults: [tiny]\nname: mine\nnum_records: -5\n")
     out = owned_out_dir(tmp_path)
-    result = docker(
-        docker_engine,
-        "run",
-        "--rm",
-        "--network",
-        "host",
-        "--user",
-        USER,
-        "-v",
-        f"{recipes}:/recipes:ro",
-        "-v",
-        f"{out}:/out",
-        IMAGE,
-        "recipe=/recipes/mine.yaml",
-        check=False,
-    )
+    result = run_image(docker_engine, "-v", f"{recipes}:/recipes:ro", "-v", f"{out}:/out", IMAGE,
+                       "recipe=/recipes/mine.yaml", check=False)  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "/recipes/mine.yaml" in result.stderr and "num_records" in result.stderr
     assert "Traceback" not in result.stderr
@@ -174,25 +148,8 @@ def test_the_job_in_the_image_starts_vllm_from_the_images_own_environment(
     one pretend GPU, as the Slurm tests' nodes have pretend GPUs, so it places the server actor.)"""
     out = owned_out_dir(tmp_path)
     gpu = 'RAY_OVERRIDE_RESOURCES={"GPU": 1}'
-    result = docker(
-        docker_engine,
-        "run",
-        "--rm",
-        "--network",
-        "host",
-        "--user",
-        USER,
-        "-e",
-        gpu,
-        "-v",
-        f"{out}:/out",
-        IMAGE,
-        "recipe=tiny",
-        "serve.engine=vllm",
-        "serve.model=org/model",
-        "serve.data_parallel_size=1",
-        check=False,
-    )
+    result = run_image(docker_engine, "-e", gpu, "-v", f"{out}:/out", IMAGE, "recipe=tiny", "serve.engine=vllm",
+                       "serve.model=org/model", "serve.data_parallel_size=1", check=False)  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert "vllm server exited with code 3 during start-up" in result.stderr, result.stderr[-3000:]
     (log,) = (out / "sdg" / ".tiny.run" / "logs").glob("server-*.log")
