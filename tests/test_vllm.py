@@ -48,7 +48,12 @@ def test_tiny_on_vllm_survives_a_killed_server(vllm_home: str, tmp_path: Path, o
     """Exactly N records from a real vLLM; its /v1 refuses a request without the job's key (401); SIGKILL of the
     vLLM process mid-run is noticed by the node's watchdog, which starts it again, and the job ends exactly N."""
     marker = uuid.uuid4().hex
-    recipe = vllm_recipe(tmp_path, "tiny", "num_records: 20\ngeneration: {keep_truncated: true}\n")
+    recipe = vllm_recipe(
+        tmp_path,
+        "tiny",
+        "num_records: 20\ngeneration: {keep_truncated: true}\n"
+        "models: {text: {inference_parameters: {max_tokens: 48}}}\n",
+    )  # short answers: fast
     env = {"SDG_VLLM_CPU_HOME": vllm_home, "SDG_TEST_RUN": marker}
     proc = start_cli("run", f"recipe={recipe}", out_dir=out_dir, env=env)
     try:
