@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 
 from sdg_job.serve import embedded_model_path, free_port, llama_server_binary
 from tests.conftest import DOCKER_SECRET, PROJECT_IMAGE, REPO, all_files, processes_with_env, read_jsonl, wait_for
-from tests.test_slurm import ENDED, slurm_cmd, slurm_logs, wait_until_done
+from tests.test_slurm import ENDED, cluster_profile, launch, slurm_cmd, slurm_logs, wait_until_done
 
 pytestmark = pytest.mark.e2e
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
@@ -38,21 +36,6 @@ JOB = ("recipe=tiny", f"num_records={N}", "generation.shard_size=5", "serve.thre
        "models.text.inference_parameters.max_tokens=48", "generation.keep_truncated=true",
        f"serve.llama_server={LLAMA_DIR}/llama-server",
        f"serve.model={MODEL_DIR}/{embedded_model_path().name}")  # fmt: skip
-PROFILE = """
-slurm:
-  account: test
-  partition: debug
-  nodes: 2
-  gpus_per_node: 2
-  time: "00:30:00"
-  container: pyxis
-  container_image: {image}
-  container_mounts: {mounts}
-  job_dir: {job_dir}
-  wait_s: 180
-  ray_port: {ray_port}
-  secrets: [NVIDIA_API_KEY]
-"""
 
 
 def unprivileged_user() -> pwd.struct_passwd:
@@ -166,18 +149,10 @@ def assert_no_secret(*roots: Path) -> None:
 
 def test_launcher_runs_the_job_in_pyxis_containers_on_two_nodes(pyxis, image, model_mounts, tmp_path: Path) -> None:
     profile = tmp_path / "profile.yaml"
-    profile.write_text(
-        PROFILE.format(image=image, mounts=json.dumps(model_mounts), job_dir=tmp_path / "cluster", ray_port=free_port())
-    )
+    profile.write_text(cluster_profile(container="pyxis", container_image=image, container_mounts=model_mounts,
+                                       job_dir=tmp_path / "cluster", ray_port=free_port()))  # fmt: skip
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "slurm", "--profile", str(profile), *JOB,
-         "slurm.nodes=2"],
-        cwd=tmp_path, env=pyxis | {"NEMORUN_HOME": str(tmp_path / "nemorun")}, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    job_id = re.search(r"Job id: (\d+)", result.stdout).group(1)
+    job_id = launch(pyxis, tmp_path, profile, JOB)
     state = wait_until_done(pyxis, job_id)
     (job_dir,) = {p.parent.parent for p in (tmp_path / "cluster").rglob("sdg/tiny.jsonl")} or {tmp_path}
     sbatch_out = "\n".join(p.read_text() for p in (tmp_path / "cluster").rglob("sbatch_*.out"))

@@ -14,29 +14,38 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, all_files, processes_with_env, read_jsonl, wait_for
 
 pytestmark = pytest.mark.e2e
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
 SECRET = "nvapi-SENTINEL-slurm-0123456789"
-N = 30
+N = 20
 # Two llama-servers share this machine's two cores: one thread each (see tests/test_scale_out.py).
 # Short answers keep it fast; the cut ones are kept (the truncation gate is not what these tests are about).
 JOB = ("recipe=tiny", f"num_records={N}", "generation.shard_size=5", "serve.threads=1",
        "models.text.inference_parameters.max_tokens=48", "generation.keep_truncated=true")  # fmt: skip
-PROFILE = """
-slurm:
-  account: test
-  partition: debug
-  nodes: 2
-  gpus_per_node: 2
-  time: "00:30:00"
-  container: none
-  job_dir: {job_dir}
-  wait_s: 180
-  secrets: [NVIDIA_API_KEY]
-"""
+# The test cluster as a launcher profile (launch/profiles/example.yaml's keys); each module adds its own.
+CLUSTER = {"account": "test", "partition": "debug", "nodes": 2, "gpus_per_node": 2, "time": "00:30:00",
+           "container": "none", "wait_s": 180, "secrets": ["NVIDIA_API_KEY"]}  # fmt: skip
+
+
+def cluster_profile(**keys: object) -> str:
+    """The test cluster's profile (YAML), with `keys` added or replaced."""
+    return yaml.safe_dump({"slurm": CLUSTER | {k: str(v) if isinstance(v, Path) else v for k, v in keys.items()}})
+
+
+def launch(env: dict[str, str], tmp_path: Path, profile: Path, job: tuple[str, ...] = JOB) -> str:
+    """`launch/run.py --executor slurm --profile …` from `tmp_path` (NeMo-Run's home under it); the job id."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "slurm", "--profile", str(profile), *job,
+         "slurm.nodes=2"],
+        cwd=tmp_path, env=env | {"NEMORUN_HOME": str(tmp_path / "nemorun")}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return re.search(r"Job id: (\d+)", result.stdout).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +114,9 @@ def sbatch(env: dict[str, str], job_dir: Path, *extra_env: str) -> str:
 
 def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
     profile = tmp_path / "profile.yaml"
-    profile.write_text(PROFILE.format(job_dir=tmp_path / "cluster"))
+    profile.write_text(cluster_profile(job_dir=tmp_path / "cluster"))
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "slurm", "--profile", str(profile), *JOB,
-         "slurm.nodes=2"],
-        cwd=tmp_path, env=slurm | {"NEMORUN_HOME": str(tmp_path / "nemorun")}, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    job_id = re.search(r"Job id: (\d+)", result.stdout).group(1)
+    job_id = launch(slurm, tmp_path, profile)
     state = wait_until_done(slurm, job_id)
     (job_dir,) = {p.parent.parent for p in (tmp_path / "cluster").rglob("sdg/tiny.jsonl")}
     driver_log = (job_dir / "logs" / "driver.log").read_text()

@@ -28,6 +28,7 @@ from tests.test_slurm import (
     ENDED,
     JOB,
     assert_exactly_n_unique_from_both_nodes,
+    cluster_profile,
     job_state,
     slurm_logs,
 )
@@ -36,26 +37,6 @@ pytestmark = pytest.mark.e2e
 SSHD_SCRIPT = REPO / "scripts" / "sshd-test.sh"
 SECRET_NAME = "NVIDIA_API_KEY"
 SECRET = "nvapi-SENTINEL-ssh-tunnel-0123456789"
-PROFILE = """
-slurm:
-  account: test
-  partition: debug
-  nodes: 2
-  gpus_per_node: 2
-  time: "00:30:00"
-  container: none
-  venv: {venv}
-  job_dir: {job_dir}
-  wait_s: 180
-  tunnel: ssh
-  ssh:
-    host: {host}
-    port: {port}
-    user: {user}
-    identity: {identity}
-    pre_command: "set -a && . {secrets} && set +a"
-  secrets: [{secret_name}]
-"""
 
 
 def clean_env() -> dict[str, str]:
@@ -169,13 +150,23 @@ def launch_over_ssh(home: Path, env: dict[str, str], profile: str, *args: str) -
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def tunnel_profile(job_dir: Path, login_node: dict[str, str]) -> str:
+    """The test cluster's profile, reached through the login node: the installation and the secret are on its side."""
+    ssh = {
+        "host": login_node["host"],
+        "port": int(login_node["port"]),
+        "user": login_node["user"],
+        "identity": "~/.ssh/id_ed25519",
+        "pre_command": f"set -a && . {login_node['secrets']} && set +a",
+    }
+    return cluster_profile(venv=sys.prefix, job_dir=job_dir, tunnel="ssh", ssh=ssh, secrets=[SECRET_NAME])
+
+
 def test_a_laptop_submits_through_the_ssh_tunnel(cluster: Path, login_node: dict[str, str], tmp_path: Path) -> None:
     job_dir = tmp_path / "cluster"
     home, env = laptop(tmp_path, login_node)
     assert "SLURM_CONF" not in env and SECRET not in "".join(env.values())
-    profile = PROFILE.format(venv=sys.prefix, job_dir=job_dir, secrets=login_node["secrets"], secret_name=SECRET_NAME,
-                             identity="~/.ssh/id_ed25519", host=login_node["host"], port=login_node["port"],
-                             user=login_node["user"])  # fmt: skip
+    profile = tunnel_profile(job_dir, login_node)
     slurm = clean_env() | {"SLURM_CONF": str(cluster)}  # for this test's own look at the cluster
 
     started = time.monotonic()
@@ -249,9 +240,7 @@ def test_an_unknown_login_node_host_key_stops_the_launch_cleanly(
     (strict / "bin" / "ssh").write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {strict}/ssh_config "$@"\n')
     (strict / "bin" / "ssh").chmod(0o755)
     home, env = laptop(tmp_path, login_node, bin_dir=str(strict / "bin"))
-    profile = PROFILE.format(venv=sys.prefix, job_dir=tmp_path / "cluster", secrets=login_node["secrets"],
-                             secret_name=SECRET_NAME, identity="~/.ssh/id_ed25519", host=login_node["host"],
-                             port=login_node["port"], user=login_node["user"])  # fmt: skip
+    profile = tunnel_profile(tmp_path / "cluster", login_node)
     result = launch_over_ssh(home, env, profile, *JOB)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Host key verification failed" in result.stderr and "known_hosts" in result.stderr, result.stderr
