@@ -56,20 +56,6 @@ def assert_exactly_n_unique(out_dir: Path, n: int = N) -> dict:
     return manifest
 
 
-def test_shards_run_on_both_nodes_each_against_its_own_server(two_nodes, out_dir: Path) -> None:
-    result = run_cli(*ARGS, out_dir=out_dir, env=two_nodes)
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = assert_exactly_n_unique(out_dir)
-    servers = {s["endpoint"]: s["node_id"] for s in manifest["servers"]}
-    assert len(servers) == 2 and len(set(servers.values())) == 2
-    assert len(manifest["shards"]) >= 4
-    for shard in manifest["shards"]:
-        assert servers[shard["endpoint"]] == shard["node_id"], shard  # node-local routing
-    assert {s["node_id"] for s in manifest["shards"]} == set(servers.values())  # both nodes did work
-    logs = list((out_dir / ".tiny.run" / "logs").glob("server-*.log"))
-    assert len(logs) == 2 and all("print_timing" in log.read_text() for log in logs)  # both servers answered
-
-
 def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: str,
                  sig: signal.Signals = signal.SIGKILL, after=committed, *extra: str) -> dict:  # fmt: skip
     """Once `after(out_dir)` (default: the first shard is committed), send `sig` to a process matching
@@ -83,9 +69,19 @@ def kill_mid_run(env: dict[str, str], out_dir: Path, victim_pattern: str, what: 
     return assert_exactly_n_unique(out_dir)
 
 
-def test_killed_worker_is_retried_without_loss_or_duplicates(two_nodes, out_dir: Path) -> None:
+def test_shards_run_on_both_nodes_against_their_own_server_and_a_killed_worker_is_retried(two_nodes, out_dir) -> None:
+    """Node-local routing on two nodes, each with its own server, in a run that also loses a shard worker (SIGKILL):
+    its shard is retried, again on a node against that node's server, without loss or duplicates."""
     manifest = kill_mid_run(two_nodes, out_dir, "ray::shard_task", "a running shard worker")
     assert manifest["retries"] >= 1 and manifest["failures"][0]["shard"].startswith("shard-")
+    servers = {s["endpoint"]: s["node_id"] for s in manifest["servers"]}
+    assert len(servers) == 2 and len(set(servers.values())) == 2
+    assert len(manifest["shards"]) >= 4
+    for shard in manifest["shards"]:
+        assert servers[shard["endpoint"]] == shard["node_id"], shard  # node-local routing
+    assert {s["node_id"] for s in manifest["shards"]} == set(servers.values())  # both nodes did work
+    logs = list((out_dir / ".tiny.run" / "logs").glob("server-*.log"))
+    assert len(logs) == 2 and all("print_timing" in log.read_text() for log in logs)  # both servers answered
 
 
 def test_killed_driver_resumes_and_skips_finished_shards(two_nodes, out_dir: Path) -> None:

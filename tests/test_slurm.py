@@ -130,20 +130,13 @@ def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> 
     assert not processes_with_env("SLURM_JOB_ID", job_id)  # Slurm ended the Ray steps, and every server
 
 
-def test_plain_sbatch_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
-    job_dir = tmp_path / "job"
-    job_id = sbatch(slurm, job_dir)
-    state = wait_until_done(slurm, job_id)
-    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:] + slurm_logs(slurm, job_id)
-    assert_exactly_n_unique_from_both_nodes(job_dir)
-    assert (job_dir / "logs" / "ray-head.log").is_file() and (job_dir / "logs" / "ray-worker-n2.log").is_file()
-    assert not processes_with_env("SLURM_JOB_ID", job_id)
-
-
-def test_scancel_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path) -> None:
+def test_plain_sbatch_cancelled_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path) -> None:
+    """`sbatch slurm/sdg-job.sbatch` as its header says; `scancel` once a shard is committed; the same submission
+    again ends with exactly N from both nodes, nothing of either job left running."""
     job_dir = tmp_path / "job"
     job_id = sbatch(slurm, job_dir)
     wait_for(lambda: committed(job_dir), 300, "the first committed shard")
+    assert (job_dir / "logs" / "ray-head.log").is_file() and (job_dir / "logs" / "ray-worker-n2.log").is_file()
     slurm_cmd(slurm, "scancel", job_id)
     assert wait_until_done(slurm, job_id, timeout=120)["JobState"] == "CANCELLED"
     finished = len(committed(job_dir))
@@ -153,6 +146,7 @@ def test_scancel_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path)
     assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:] + slurm_logs(slurm, job_id)
     manifest = assert_exactly_n_unique_from_both_nodes(job_dir, resumed=True)
     assert manifest["shards_skipped_on_resume"] >= finished >= 1
+    assert not processes_with_env("SLURM_JOB_ID", job_id)
 
 
 def test_time_limit_warning_stops_cleanly_and_the_requeued_job_finishes(slurm, tmp_path: Path) -> None:
