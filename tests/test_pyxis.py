@@ -23,7 +23,7 @@ import pytest
 
 from sdg_job.serve import embedded_model_path, free_port, llama_server_binary
 from tests.conftest import DOCKER_SECRET, PROJECT_IMAGE, REPO, all_files, processes_with_env, read_jsonl, wait_for
-from tests.test_slurm import ENDED, cluster_profile, launch, slurm_cmd, slurm_logs, wait_until_done
+from tests.test_slurm import ENDED, cluster_profile, launch, sbatch_argv, slurm_cmd, slurm_logs, wait_until_done
 
 pytestmark = pytest.mark.e2e
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
@@ -132,8 +132,7 @@ def sbatch(env: dict[str, str], job_dir: Path, image: Path, mounts: list[str], u
     run_env = env | {"SDG_CONTAINER": "pyxis", "SDG_IMAGE": str(image), "SDG_JOB_DIR": str(job_dir),
                      "SDG_MOUNTS": ",".join(mounts), "SDG_WAIT_S": "180", "SDG_RAY_PORT": str(free_port()),
                      "SDG_SECRET_ENV_NAMES": "NVIDIA_API_KEY"}  # fmt: skip
-    argv = ["sbatch", "--parsable", "--account=test", "--partition=debug", "--nodes=2", "--gpus-per-node=2",
-            "--time=00:30:00", f"--output={job_dir}.out", str(REPO / "slurm" / "sdg-job.sbatch"), *JOB]  # fmt: skip
+    argv = sbatch_argv(job_dir, JOB)
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
     return slurm_cmd(run_env, *argv).strip().split(";")[0]
@@ -148,9 +147,8 @@ def assert_no_secret(*roots: Path) -> None:
 
 
 def test_launcher_runs_the_job_in_pyxis_containers_on_two_nodes(pyxis, image, model_mounts, tmp_path: Path) -> None:
-    profile = tmp_path / "profile.yaml"
-    profile.write_text(cluster_profile(container="pyxis", container_image=image, container_mounts=model_mounts,
-                                       job_dir=tmp_path / "cluster", ray_port=free_port()))  # fmt: skip
+    profile = cluster_profile(container="pyxis", container_image=image, container_mounts=model_mounts,
+                              job_dir=tmp_path / "cluster", ray_port=free_port())  # fmt: skip
     started = time.monotonic()
     job_id = launch(pyxis, tmp_path, profile, JOB)
     state = wait_until_done(pyxis, job_id)

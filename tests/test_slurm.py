@@ -36,10 +36,12 @@ def cluster_profile(**keys: object) -> str:
     return yaml.safe_dump({"slurm": CLUSTER | {k: str(v) if isinstance(v, Path) else v for k, v in keys.items()}})
 
 
-def launch(env: dict[str, str], tmp_path: Path, profile: Path, job: tuple[str, ...] = JOB) -> str:
-    """`launch/run.py --executor slurm --profile …` from `tmp_path` (NeMo-Run's home under it); the job id."""
+def launch(env: dict[str, str], tmp_path: Path, profile: str, job: tuple[str, ...] = JOB) -> str:
+    """`launch/run.py --executor slurm --profile profile.yaml …` with `profile` written there, from `tmp_path`
+    (NeMo-Run's home under it); the job id."""
+    (tmp_path / "profile.yaml").write_text(profile)
     result = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "slurm", "--profile", str(profile), *job,
+        [sys.executable, str(REPO / "launch" / "run.py"), "--executor", "slurm", "--profile", "profile.yaml", *job,
          "slurm.nodes=2"],
         cwd=tmp_path, env=env | {"NEMORUN_HOME": str(tmp_path / "nemorun")}, capture_output=True, text=True,
         timeout=300,
@@ -103,20 +105,22 @@ def assert_exactly_n_unique_from_both_nodes(job_dir: Path, resumed: bool = False
     return manifest
 
 
+def sbatch_argv(job_dir: Path, job: tuple[str, ...] = JOB) -> list[str]:
+    """`sbatch slurm/sdg-job.sbatch …` on the test cluster as the script's header says, its log beside job_dir."""
+    return ["sbatch", "--parsable", "--account=test", "--partition=debug", "--nodes=2", "--gpus-per-node=2",
+            "--time=00:30:00", f"--output={job_dir}.out", str(REPO / "slurm" / "sdg-job.sbatch"), *job]  # fmt: skip
+
+
 def sbatch(env: dict[str, str], job_dir: Path, *extra_env: str) -> str:
     """slurm/sdg-job.sbatch as its header says, without pyxis: the installation this test runs from."""
     run_env = env | {"SDG_CONTAINER": "none", "SDG_VENV": sys.prefix, "SDG_JOB_DIR": str(job_dir)}
     run_env |= dict(e.split("=", 1) for e in extra_env)
-    argv = ["sbatch", "--parsable", "--account=test", "--partition=debug", "--nodes=2", "--gpus-per-node=2",
-            "--time=00:30:00", f"--output={job_dir}.out", str(REPO / "slurm" / "sdg-job.sbatch"), *JOB]  # fmt: skip
-    return slurm_cmd(run_env | {"SDG_WAIT_S": "180"}, *argv).strip().split(";")[0]
+    return slurm_cmd(run_env | {"SDG_WAIT_S": "180"}, *sbatch_argv(job_dir)).strip().split(";")[0]
 
 
 def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
-    profile = tmp_path / "profile.yaml"
-    profile.write_text(cluster_profile(job_dir=tmp_path / "cluster"))
     started = time.monotonic()
-    job_id = launch(slurm, tmp_path, profile)
+    job_id = launch(slurm, tmp_path, cluster_profile(job_dir=tmp_path / "cluster"))
     state = wait_until_done(slurm, job_id)
     (job_dir,) = {p.parent.parent for p in (tmp_path / "cluster").rglob("sdg/tiny.jsonl")}
     driver_log = (job_dir / "logs" / "driver.log").read_text()
