@@ -18,10 +18,15 @@ import jsonschema
 from sdg_job.config import (
     DPOPreferenceProjection,
     Filter,
+    LLMJudgeColumn,
+    LLMStructuredColumn,
+    LLMTextColumn,
     MessageSpec,
     OpenAIMessagesProjection,
     Projection,
+    Recipe,
     StructuredMessagesProjection,
+    ToolDataChecks,
 )
 from sdg_job.generate import TRUNCATED
 
@@ -90,7 +95,14 @@ def dpo_preference(spec: DPOPreferenceProjection, row: dict) -> dict:
     chosen, rejected = (a, b) if winner == "A" else (b, a)
     if chosen == rejected:
         raise InvalidRecord("chosen_equals_rejected")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if spec.format == "standard":
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    system = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
+    return {
+        "prompt": [*system, {"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def _tool_call(value: Any, row_key: str) -> dict:
@@ -233,6 +245,64 @@ def check_tool_conversation(record: dict) -> None:
             raise InvalidRecord("markdown_in_chat_content")
 
 
+# Text a model copied from its prompt instead of filling in: template syntax, and fill-in placeholders.
+UNRENDERED = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
+PLACEHOLDER = re.compile(
+    r"\[(?:your|my|insert|customer|company|agent|name|date|order|product|phone|email|address|link|number)\b"
+    r"[^\]\n]{0,40}\]",
+    re.IGNORECASE,
+)
+LLM_COLUMN_TYPES = (LLMTextColumn, LLMStructuredColumn, LLMJudgeColumn)
+IDENTIFYING = re.compile(r"(?:^|_)(?:id|number|email)$")  # argument names that say which thing a call is about
+PROMPT_LABEL = re.compile(r"^\s*([A-Z][A-Za-z]*(?: [a-z][A-Za-z]*){0,3}):\s", re.MULTILINE)
+
+
+def scaffolding_labels(recipe: Recipe) -> frozenset[str]:
+    """The labels the recipe's prompts lay their material out with ("Tool result:", "Policy:"), line by line."""
+    prompts = [c.prompt for c in recipe.columns.values() if isinstance(c, LLM_COLUMN_TYPES)]
+    return frozenset(label for prompt in prompts for label in PROMPT_LABEL.findall(prompt))
+
+
+def check_tool_data(record: dict, checks: ToolDataChecks, scaffolding: frozenset[str] = frozenset()) -> None:
+    """What a trainer would not want in a well-formed tool conversation (OpenAI form). Each check can be off."""
+    messages = record["messages"]
+    texts = [m["content"] for m in messages if m["role"] != "system" and isinstance(m.get("content"), str)]
+    texts += [c["function"]["arguments"] for m in messages for c in m.get("tool_calls") or []]
+    if checks.unrendered_template and any(UNRENDERED.search(t) for t in texts):
+        raise InvalidRecord("unrendered_template")
+    if checks.placeholder_text and any(PLACEHOLDER.search(t) for t in texts):
+        raise InvalidRecord("placeholder_text")
+    if checks.tool_result_contradicts_call:
+        call = next(c for m in messages for c in m.get("tool_calls") or [])
+        args = json.loads(call["function"]["arguments"])
+        result = next(m for m in messages if m["role"] == "tool")["content"]
+        try:
+            fields = json.loads(result)
+        except json.JSONDecodeError:
+            fields = None
+        for name, value in args.items():
+            if isinstance(fields, dict) and IDENTIFYING.search(name) and name in fields \
+                    and str(fields[name]).strip() != str(value).strip():  # fmt: skip
+                raise InvalidRecord("tool_result_contradicts_call", name)
+    if checks.prompt_scaffolding and scaffolding:
+        echoed = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(scaffolding))) + r"):")
+        if any(m["role"] == "assistant" and echoed.search(m.get("content") or "") for m in messages):
+            raise InvalidRecord("prompt_scaffolding_echoed")
+
+
+def hf_form(messages: list[dict]) -> list[dict]:
+    """OpenAI form → what Hugging Face chat templates read: a call's arguments as an object (a template dumps them to
+    JSON itself; a string would come out double-encoded) and a string, not null, as the calling turn's content."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                     for c in m["tool_calls"]]  # fmt: skip
+            m = {**m, "content": m.get("content") or "", "tool_calls": calls}
+        out.append(m)
+    return out
+
+
 PROJECTIONS: dict[str, Callable[[Any, dict], dict]] = {
     "openai_messages": openai_messages,
     "dpo_preference": dpo_preference,
@@ -259,8 +329,14 @@ def failed_filter(filters: list[Filter], row: dict) -> str | None:
     return None
 
 
-def project_rows(spec: Projection, rows: list[dict], filters: list[Filter] = ()) -> tuple[list[dict], Counter[str]]:  # type: ignore[assignment]
-    """Valid records in row order, and the count of dropped rows by reason."""
+def project_rows(
+    spec: Projection,
+    rows: list[dict],
+    filters: list[Filter] = (),  # type: ignore[assignment]
+    scaffolding: frozenset[str] = frozenset(),
+) -> tuple[list[dict], Counter[str]]:
+    """Valid records in row order, and the count of dropped rows by reason. `scaffolding`: the labels of the recipe's
+    prompts (scaffolding_labels), which tool data's final answers must not repeat."""
     fn = PROJECTIONS[spec.type]
     records, dropped = [], Counter[str]()
     for row in rows:
@@ -271,7 +347,12 @@ def project_rows(spec: Projection, rows: list[dict], filters: list[Filter] = ())
             dropped[f"filter:{failed}"] += 1
             continue
         try:
-            records.append(fn(spec, row))
+            record = fn(spec, row)
+            if isinstance(spec, StructuredMessagesProjection):
+                check_tool_data(record, spec.checks, scaffolding)
+                if spec.tool_call_format == "hf":
+                    record = {**record, "messages": hf_form(record["messages"])}
+            records.append(record)
         except InvalidRecord as e:
             dropped[e.reason] += 1
     return records, dropped

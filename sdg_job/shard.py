@@ -13,7 +13,7 @@ from sdg_job.config import Recipe
 from sdg_job.errors import ServerUnavailable
 from sdg_job.generate import Endpoint, generate, load_engine
 from sdg_job.plan import Shard
-from sdg_job.project import project_rows
+from sdg_job.project import project_rows, scaffolding_labels
 from sdg_job.store import RunStore
 
 
@@ -37,7 +37,8 @@ def run_shard(
     result = generate(recipe, endpoint, shard.size, seed_rows or None, work_dir)
     if server_ok is not None and not server_ok():
         raise ServerUnavailable(f"{endpoint.url} stopped answering during {shard.id}")
-    records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters)
+    labels = scaffolding_labels(recipe)
+    records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters, labels)
     dropped.update(result.reasons)
     summary = {
         "shard": shard.id,

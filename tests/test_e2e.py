@@ -159,9 +159,11 @@ def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: 
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_jsonl(out_dir / "rl_pref.jsonl")
     assert len(records) == 4
-    for r in records:
+    for r in records:  # TRL's conversational form: the trainer renders it with the model's chat template
         assert list(r) == ["prompt", "chosen", "rejected"] and r["chosen"] != r["rejected"]
-        assert all(isinstance(v, str) and v.strip() for v in r.values())
+        assert [m["role"] for m in r["prompt"]] == ["system", "user"]
+        assert [m["role"] for m in r["chosen"]] == [m["role"] for m in r["rejected"]] == ["assistant"]
+        assert all(m["content"].strip() for m in r["prompt"] + r["chosen"] + r["rejected"])
     manifest = manifest_of(out_dir, "rl_pref")
     assert manifest["records"] == 4
     assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 4  # a top-up may make a few more than needed
@@ -184,7 +186,7 @@ def test_customer_support_tools_gives_exact_count_of_valid_tool_conversations(tm
         roles = [m["role"] for m in r["messages"]]
         assert roles == ["system", "user", "assistant", "tool", "assistant"]
         (call,) = r["messages"][2]["tool_calls"]
-        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+        assert isinstance(call["function"]["arguments"], dict) and r["messages"][2]["content"] == ""  # HF form
         assert r["messages"][3]["tool_call_id"] == call["id"]
     manifest = manifest_of(out_dir, "customer_support_tools")
     assert manifest["records"] == 3

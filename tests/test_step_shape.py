@@ -64,6 +64,7 @@ def test_dpo_with_two_aliases_and_a_judge_schema(endpoint, out_dir: Path) -> Non
     records = run_step("rl_pref", out_dir, endpoint)
     assert len(records) == 3
     assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in records)
+    assert all(r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant" for r in records)
 
 
 @pytest.mark.e2e
@@ -76,7 +77,7 @@ def test_tool_calling_from_one_json_conversation_column(endpoint, out_dir: Path)
         assert [m["role"] for m in r["messages"]] == ["user", "assistant", "tool", "assistant"]
         assert "tool_calls" not in user and "tool_calls" not in answer
         (tool_call,) = call["tool_calls"]
-        assert isinstance(json.loads(tool_call["function"]["arguments"]), dict)  # a JSON string, OpenAI form
+        assert isinstance(tool_call["function"]["arguments"], dict) and call["content"] == ""  # HF form
         assert tool["tool_call_id"] == tool_call["id"] and isinstance(tool["content"], str)
 
 

@@ -34,6 +34,7 @@ from sdg_job.config.schema import (
     SeedDataset,
     ServeSpec,
     StructuredMessagesProjection,
+    ToolDataChecks,
     recipe_dict,
     recipe_hash,
 )
@@ -44,6 +45,6 @@ __all__ = [
     "ExpressionColumn", "Filter", "Generation", "InferenceParameters", "JudgeScore", "LLMJudgeColumn",
     "LLMStructuredColumn", "LLMTextColumn", "MessageSpec", "ModelSpec", "OpenAIMessagesProjection", "Projection",
     "ProviderSpec", "Recipe", "SamplerColumn", "SeedDataset", "ServeSpec", "StructuredMessagesProjection",
-    "apply_overrides", "check_recipe", "load_recipe", "mask_secrets", "parse_overrides", "recipe_dict", "recipe_hash",
-    "resolve_recipe_path", "template_names",
+    "ToolDataChecks", "apply_overrides", "check_recipe", "load_recipe", "mask_secrets", "parse_overrides",
+    "recipe_dict", "recipe_hash", "resolve_recipe_path", "template_names",
 ]  # fmt: skip

@@ -229,12 +229,47 @@ class DPOPreferenceProjection(Strict):
     response_b: str
     judge: str = Field(description="llm_judge column")
     score: str = Field(description="score name whose option is 'A' or 'B'")
+    format: Literal["conversational", "standard"] = Field(
+        default="conversational",
+        description="conversational: prompt as a list of messages (system_prompt, then the user's), chosen and "
+        "rejected as one assistant message each, which TRL renders with the model's chat template; standard: "
+        "plain strings (the Nemotron step's form), which TRL tokenizes as they are, without turn markers",
+    )
+    system_prompt: str | None = Field(
+        default=None, description="conversational only: the system message the prompt opens with (none if null)"
+    )
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_messages(self) -> DPOPreferenceProjection:
+        if self.system_prompt is not None and self.format == "standard":
+            raise ValueError("system_prompt needs format: conversational (a plain-string prompt has no system turn)")
+        return self
+
+
+class ToolDataChecks(Strict):
+    """Content a trainer would not want in tool-calling data; each drop is counted under its own reason."""
+
+    unrendered_template: bool = Field(default=True, description="template text such as {{ order_id }} in a message")
+    placeholder_text: bool = Field(default=True, description="fill-in text such as [Your Name] in a message")
+    tool_result_contradicts_call: bool = Field(
+        default=True, description="a tool result whose identifying field (…id, …number, email) differs from the call's"
+    )
+    prompt_scaffolding: bool = Field(
+        default=True,
+        description="an assistant message that repeats a label of the prompt that made it (e.g. 'Tool result:')",
+    )
 
 
 class StructuredMessagesProjection(_MessagesProjection):
     """Either `tools` and `messages` built from columns, or a `source` column holding a whole conversation."""
 
     type: Literal["structured_messages"]
+    tool_call_format: Literal["hf", "openai"] = Field(
+        default="hf",
+        description="hf: tool-call arguments as objects and the calling turn's content '' (what Hugging Face chat "
+        "templates and TRL expect); openai: the OpenAI wire form, arguments as JSON strings and content null",
+    )
+    checks: ToolDataChecks = ToolDataChecks()
     messages: list[MessageSpec] = []
     tools: list[dict[str, Any]] = []
     source: str | None = Field(default=None, description="column whose value is {messages: [...], tools: [...]}")
