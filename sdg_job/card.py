@@ -189,6 +189,12 @@ def _counts(m: dict) -> str:
         f"{m.get('generated')} generated, {sum(dropped.values())} dropped. "
         f"Tokens: {tokens.get('input')} in, {tokens.get('output')} out.",
     ]
+    if lengths := m.get("record_tokens"):
+        lines += ["", f"Tokens per record, as a trainer sees it (counted by {lengths['tokenizer']}; a DPO pair: its "
+                  f"longer side): min {lengths['min']}, p50 {lengths['p50']}, p95 {lengths['p95']}, max "
+                  f"{lengths['max']}. A `max_length` below a record's count cuts that record."]  # fmt: skip
+    else:
+        lines += ["", "Tokens per record: not counted (the job counts them only with a model it serves)."]
     if dropped:
         kinds: dict[str, int] = {}
         for reason, n in dropped.items():

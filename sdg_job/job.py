@@ -22,6 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
 from sdg_job.errors import Interrupted, JobError, RecipeError
@@ -34,6 +36,7 @@ from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged
 from sdg_job.shard import run_shard
 from sdg_job.store import RunStore, atomic_write, fsync_dir
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
+from sdg_job.tokens import tokenizer_name
 
 log = logging.getLogger("sdg_job")
 PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
@@ -260,6 +263,7 @@ class Job:
             "failures": self.failures,
             "server_restarts": sum(s.get("restarts", 0) for s in server_info),
             "tokens": {"input": sum(x["input_tokens"] for x in summaries.values()), "output": tokens_out},
+            "record_tokens": self.record_tokens(),
             "shards": [{k: v for k, v in summaries[i].items() if k != "columns"} for i in self.committed_ids()],
             "shards_skipped_on_resume": self.skipped,
             "started_at": started_at.isoformat(timespec="seconds"),
@@ -270,6 +274,15 @@ class Job:
             "client_cpu": client_cpu(timings, summaries.values(), records),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNITS_PER_MB, 1),
         }
+
+    def record_tokens(self) -> dict[str, Any] | None:
+        """The spread of the output's records in tokens, as a trainer sees them (sdg_job.tokens), if counted."""
+        counts = self.store.record_tokens(self.committed_ids(), self.recipe.num_records)
+        if counts is None or not len(counts):
+            return None
+        p50, p95 = np.percentile(counts, [50, 95], method="higher")
+        return {"tokenizer": tokenizer_name(self.recipe.serve), "records": len(counts), "min": int(counts.min()),
+                "p50": int(p50), "p95": int(p95), "max": int(counts.max())}  # fmt: skip
 
     def _seed_info(self) -> dict | None:
         seed = self.recipe.seed_dataset

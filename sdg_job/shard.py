@@ -15,6 +15,7 @@ from sdg_job.generate import Endpoint, generate, load_engine
 from sdg_job.plan import Shard
 from sdg_job.project import project_rows, scaffolding_labels
 from sdg_job.store import RunStore
+from sdg_job.tokens import record_tokens
 
 
 def run_shard(
@@ -59,6 +60,8 @@ def run_shard(
         "error": result.error,
         "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
     }
-    committed = store.commit(shard.id, records, summary)
+    serve = recipe.serve if endpoint.served_model else None  # the job's own server, not a remote provider
+    tokens = record_tokens(serve, endpoint, recipe.output_projection, records)  # while the server is up
+    committed = store.commit(shard.id, records, summary, tokens)
     shutil.rmtree(work_dir, ignore_errors=True)
     return committed

@@ -26,7 +26,8 @@ import numpy as np
 from sdg_job.errors import JobError, RecipeError
 
 DIGEST_SIZE = 16
-DATA_SUFFIXES = (".jsonl", ".digests")  # a shard attempt's files, beside its summary (.json)
+DATA_SUFFIXES = (".jsonl", ".digests", ".tokens")  # a shard attempt's files, beside its summary (.json)
+TOKEN_COUNT = np.dtype("<u4")  # a record's tokens (sdg_job.tokens), in a shard's .tokens file
 TOTALS = ("requested", "valid", "output_tokens")  # kept summed: the progress line reads them on every turn
 
 
@@ -101,6 +102,7 @@ class RunStore:
         self.logs_dir = run_dir / "logs"
         self.summaries: dict[str, dict[str, Any]] = {}  # committed shards, by id
         self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
+        self._tokens: dict[str, bytes] = {}  # their records' token counts (TOKEN_COUNT), where the shard counted them
         self.totals: Counter[str] = Counter()  # their summaries' counts summed (requested, valid, output_tokens)
         self._last_selection: tuple[Any, Any] = (None, None)  # (shards and limit, their selection)
 
@@ -120,6 +122,7 @@ class RunStore:
         if fresh:
             self.summaries.clear()
             self._digests.clear()
+            self._tokens.clear()
             self.totals.clear()
             self._last_selection = (None, None)
         if fresh and self.run_dir.exists():
@@ -138,14 +141,18 @@ class RunStore:
     def summary_path(self, shard_id: str) -> Path:
         return self.shards_dir / f"{shard_id}.json"
 
-    def commit(self, shard_id: str, records: list[dict], summary: dict[str, Any]) -> dict[str, Any]:
-        """Called where the shard ran; returns the shard's summary as committed. The records and their digests go
-        under names of this attempt's own; the summary, put in place last, names them (`files`) and marks the shard
-        complete, once: if another attempt committed it first (a retry while a worker thought lost still ran),
-        that one stays, and this attempt's files are removed. A committed shard never changes."""
+    def commit(
+        self, shard_id: str, records: list[dict], summary: dict[str, Any], tokens: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Called where the shard ran; returns the shard's summary as committed. The records, their digests (and
+        token counts) go under names of this attempt's own; the summary, put in place last, names them (`files`)
+        and marks the shard complete, once: if another attempt committed it first (a retry while a worker thought
+        lost still ran), that one stays, and this attempt's files are removed. A committed shard never changes."""
         summary["files"] = files = f"{shard_id}.{secrets.token_hex(4)}"
         atomic_write(self.shards_dir / f"{files}.jsonl", jsonl(records))
         atomic_write(self.shards_dir / f"{files}.digests", b"".join(record_digest(r) for r in records))
+        if tokens is not None and len(tokens) == len(records):
+            atomic_write(self.shards_dir / f"{files}.tokens", np.asarray(tokens, dtype=TOKEN_COUNT).tobytes())
         if publish_once(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n"):
             return summary
         for suffix in DATA_SUFFIXES:
@@ -196,6 +203,9 @@ class RunStore:
     def note_committed(self, shard_id: str, summary: dict[str, Any]) -> None:
         digests = (self.shards_dir / f"{summary['files']}.digests").read_bytes()  # first: a failure here adds nothing
         self._digests[shard_id] = digests
+        tokens = self.shards_dir / f"{summary['files']}.tokens"
+        if tokens.exists():
+            self._tokens[shard_id] = tokens.read_bytes()
         self.summaries[shard_id] = summary
         self.totals.update({key: summary.get(key, 0) for key in TOTALS})
 
@@ -208,6 +218,13 @@ class RunStore:
         if self._last_selection[0] != key:
             self._last_selection = (key, self._select(shard_ids, limit))
         return self._last_selection[1]
+
+    def record_tokens(self, shard_ids: list[str], limit: int) -> np.ndarray | None:
+        """The token counts of exactly the records `selection` picks, or None unless every shard counted them."""
+        if not shard_ids or any(i not in self._tokens for i in shard_ids):
+            return None
+        keep, _ = self.selection(shard_ids, limit)
+        return np.frombuffer(b"".join(self._tokens[i] for i in shard_ids), dtype=TOKEN_COUNT)[keep]
 
     def _select(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
         digests = np.frombuffer(b"".join(self._digests[i] for i in shard_ids), dtype=np.dtype((np.void, DIGEST_SIZE)))

@@ -205,6 +205,12 @@ def test_body_reports_provenance_drops_and_samples_without_secrets(monkeypatch: 
     assert body.count("```json") == 3 and "Where is order ORD-2?" in body and "ORD-3?" not in body
     assert "y" * 500 + "…" in body and "y" * 501 not in body
     assert "````json" in body  # a longer fence around a record that quotes one
+    assert "Tokens per record: not counted" in body  # a remote provider: no tokenizer
+    m["record_tokens"] = {"tokenizer": "smollm2-135m (llama_cpp), with its chat template", "records": N, "min": 40,
+                          "p50": 120, "p95": 600, "max": 900}  # fmt: skip
+    body = dataset_card(m, records, ["train.jsonl"], None).split("---\n", 2)[2]
+    assert "(counted by smollm2-135m (llama_cpp), with its chat template; a DPO pair: its longer side): min 40, " \
+           "p50 120, p95 600, max 900." in body  # fmt: skip
 
 
 def test_a_readme_of_someone_else_is_not_our_card() -> None:

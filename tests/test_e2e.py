@@ -66,6 +66,9 @@ def test_tiny_manifest_has_provenance_and_counts(tiny_run) -> None:
     # Every attempted record is valid or dropped by reason (a top-up may make a few more valid than needed).
     assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 10
     assert sum(s["valid"] for s in manifest["shards"]) >= 10
+    lengths = manifest["record_tokens"]  # counted by the serving llama-server with the model's chat template
+    assert lengths["tokenizer"] == "smollm2-135m (llama_cpp), with its chat template" and lengths["records"] == 10
+    assert 10 < lengths["min"] <= lengths["p50"] <= lengths["p95"] <= lengths["max"] < 1024
     cpu = manifest["client_cpu"]  # each worker loads Data Designer once; the per-record cost leaves that out
     assert cpu["seconds"]["worker_engine_load"] > 0 and cpu["seconds"]["shards"] > 0
     assert 0 < cpu["steady_ms_per_record"] < cpu["ms_per_record"]
@@ -129,6 +132,8 @@ def test_dataset_card_beside_the_output_describes_it(hf, tiny_run, tmp_path: Pat
     manifest = manifest_of(out_dir, "tiny")
     assert front["sdg_job"]["recipe_sha256"] == manifest["recipe_sha256"]
     assert "smollm2-135m" in card and json.dumps(read_jsonl(out_dir / "tiny.jsonl")[0]["messages"][0]["role"]) in card
+    lengths = manifest["record_tokens"]
+    assert f"min {lengths['min']}, p50 {lengths['p50']}, p95 {lengths['p95']}, max {lengths['max']}" in card
     assert hf.load_dataset(str(out_dir), split="train", cache_dir=str(tmp_path / "hf-cache")).num_rows == 10
 
 

@@ -42,6 +42,18 @@ def test_selection_keeps_first_copies_in_plan_order_and_counts_dupes_before_the_
     assert keep.tolist() == [True, True, True, True, True, True, False, False] and dupes == 2
 
 
+def test_token_counts_are_those_of_exactly_the_selected_records(store: RunStore) -> None:
+    """Each record's count (sdg_job.tokens, committed beside the records) follows the selection: duplicates and
+    records past the cut are left out. Without counts from every shard there are none (the card says so)."""
+    for shard_id, numbers in [("shard-00000", [0, 1, 1, 2]), ("shard-00001", [2, 3, 4])]:
+        store.commit(shard_id, [record(i) for i in numbers], {"shard": shard_id}, tokens=[10 + i for i in numbers])
+        store.note_committed(shard_id, json.loads(store.summary_path(shard_id).read_text()))
+    assert store.record_tokens(["shard-00000", "shard-00001"], limit=4).tolist() == [10, 11, 12, 13]
+    commit(store, "shard-00002", [5])  # a shard whose server could not count
+    assert store.record_tokens(["shard-00000", "shard-00001", "shard-00002"], limit=100) is None
+    assert store.sweep() == 0  # the counts are files a committed shard names
+
+
 def test_merge_streams_the_selection_into_parts_of_at_most_k_records(store: RunStore, tmp_path: Path) -> None:
     commit(store, "shard-00000", [0, 1, 1, 2, 3])
     commit(store, "shard-00001", [4, 5, 6, 7, 8])

@@ -78,6 +78,9 @@ def test_tiny_on_vllm_survives_a_killed_server(vllm_home: str, tmp_path: Path, o
     (server,) = manifest["servers"]
     assert server["engine"] == "vllm" and API_SERVER in server["argv"] and server["restarts"] >= 1
     assert "--api-key" not in server["argv"]  # the key travels in VLLM_API_KEY, out of `ps` and the manifest
+    lengths = manifest["record_tokens"]  # counted by vLLM's /tokenize with the model's chat template
+    assert lengths["tokenizer"].endswith("(vllm), with its chat template") and lengths["records"] == 20
+    assert 10 < lengths["min"] <= lengths["max"] < 1024
     wait_for(lambda: not processes_with_env("SDG_TEST_RUN", marker), timeout=60, what="every process to end")
 
 

@@ -1,0 +1,92 @@
+"""How many tokens each record is for a trainer: the record rendered with the served model's chat template and
+tokenized by the serving engine itself (llama.cpp's /apply-template + /tokenize, vLLM's /tokenize with messages),
+while the shard's server is up. The card reports their spread so a user sets `max_length` knowing what is cut.
+
+Counted only where the job serves the model (a remote provider exposes no tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import httpx
+
+from sdg_job.config import Projection, ServeSpec
+from sdg_job.errors import ServerUnavailable
+from sdg_job.generate import Endpoint
+
+log = logging.getLogger("sdg_job.tokens")
+ENGINES = {"llama_cpp", "vllm"}
+
+
+def tokenizer_name(serve: ServeSpec | None) -> str | None:
+    """What counts the tokens, as the card names it; None where nothing does."""
+    if serve is None or serve.engine not in ENGINES:
+        return None
+    return f"{serve.served_model_name} ({serve.engine}), with its chat template"
+
+
+def conversations(projection: Projection, record: dict) -> list[tuple[Any, list | None]]:
+    """What a trainer tokenizes for one record: (messages or plain text, tools). DPO: prompt + each answer. Tool
+    calls go to the server in the OpenAI wire form it parses (arguments as a JSON string)."""
+    if projection.type == "dpo_preference":
+        return [(record["prompt"] + record[answer], None) for answer in ("chosen", "rejected")]
+    return [([_wire(m) for m in record["messages"]], record.get("tools"))]
+
+
+def _wire(message: dict) -> dict:
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**c, "function": {**c["function"], "arguments": _as_json(c["function"]["arguments"])}}
+             for c in message["tool_calls"]]  # fmt: skip
+    return {**message, "tool_calls": calls}
+
+
+def _as_json(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def record_tokens(
+    serve: ServeSpec | None, endpoint: Endpoint, projection: Projection, records: list[dict]
+) -> list[int] | None:
+    """Each record's token count (the longer of a DPO pair's two), or None if this server cannot say. Raises
+    ServerUnavailable if the server stopped answering."""
+    if tokenizer_name(serve) is None or not records:
+        return None
+    assert serve is not None
+    base = endpoint.url.removesuffix("/v1")
+    key = os.environ.get(endpoint.api_key_env or "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            return [max(_count(client, serve, content, tools) for content, tools in conversations(projection, r))
+                    for r in records]  # fmt: skip
+    except httpx.TransportError as e:  # the server went away: the shard is retried, as when it dies mid-shard
+        raise ServerUnavailable(f"{base} stopped answering while counting tokens: {e}") from None
+    except (httpx.HTTPStatusError, KeyError, ValueError) as e:  # it cannot render or count these: no counts
+        log.warning("could not count tokens at %s: %s", base, e)
+        return None
+
+
+def _count(client: httpx.Client, serve: ServeSpec, content: Any, tools: list | None) -> int:
+    if serve.engine == "vllm":
+        body: dict[str, Any] = {"model": serve.served_model_name, "add_special_tokens": False}
+        if isinstance(content, str):
+            body["prompt"] = content
+        else:
+            body |= {"messages": content, "add_generation_prompt": False, **({"tools": tools} if tools else {})}
+        return int(_post(client, "/tokenize", body)["count"])
+    if not isinstance(content, str):
+        body = {"messages": content, **({"tools": tools} if tools else {})}
+        content = _post(client, "/apply-template", body)["prompt"]
+    body = {"content": content, "add_special": False, "parse_special": True}
+    return len(_post(client, "/tokenize", body)["tokens"])
+
+
+def _post(client: httpx.Client, path: str, body: dict) -> dict:
+    response = client.post(path, json=body)
+    response.raise_for_status()
+    return response.json()
