@@ -26,25 +26,6 @@ if [ ! -f "$VENV/.installed" ]; then
   touch "$VENV/.installed"
 fi
 
-if [ ! -f "$MODEL/config.json" ]; then
-  echo "converting $GGUF to Hugging Face safetensors in $MODEL" >&2
-  rm -rf "$MODEL.tmp"
-  "$VENV/bin/python" - "$GGUF" "$MODEL.tmp" >&2 <<'PY'
-import os, sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf, out = sys.argv[1], sys.argv[2]
-d, f = os.path.dirname(gguf), os.path.basename(gguf)
-AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
-loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype="float32")  # dequantized on load
-# transformers refuses to save a model it loaded from GGUF: copy the weights into a plain one of the same config.
-config = loaded.config
-config.quantization_config = None
-del config.quantization_config
-model = AutoModelForCausalLM.from_config(config, dtype="float32")
-model.load_state_dict(loaded.state_dict())
-model.save_pretrained(out)
-PY
-  mv "$MODEL.tmp" "$MODEL"
-fi
+"$VENV/bin/python" "$(dirname "$0")/gguf-to-hf.py" "$GGUF" "$MODEL" >&2  # once: nothing to do if it is there
 echo "$VENV/bin/python"
 echo "$MODEL"
