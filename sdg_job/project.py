@@ -303,6 +303,22 @@ def hf_form(messages: list[dict]) -> list[dict]:
     return out
 
 
+def wire_form(messages: list[dict]) -> list[dict]:
+    """The inverse of hf_form: each call's arguments as a JSON string, the form OpenAI-compatible servers parse."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{**c, "function": {**c["function"], "arguments": _json_text(c["function"]["arguments"])}}
+                     for c in m["tool_calls"]]  # fmt: skip
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def _json_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
 PROJECTIONS: dict[str, Callable[[Any, dict], dict]] = {
     "openai_messages": openai_messages,
     "dpo_preference": dpo_preference,

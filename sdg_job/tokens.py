@@ -7,7 +7,6 @@ Counted only where the job serves the model (a remote provider exposes no tokeni
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -17,6 +16,7 @@ import httpx
 from sdg_job.config import Projection, ServeSpec
 from sdg_job.errors import ServerUnavailable
 from sdg_job.generate import Endpoint
+from sdg_job.project import wire_form
 
 log = logging.getLogger("sdg_job.tokens")
 ENGINES = {"llama_cpp", "vllm"}
@@ -34,19 +34,7 @@ def conversations(projection: Projection, record: dict) -> list[tuple[Any, list 
     calls go to the server in the OpenAI wire form it parses (arguments as a JSON string)."""
     if projection.type == "dpo_preference":
         return [(record["prompt"] + record[answer], None) for answer in ("chosen", "rejected")]
-    return [([_wire(m) for m in record["messages"]], record.get("tools"))]
-
-
-def _wire(message: dict) -> dict:
-    if not message.get("tool_calls"):
-        return message
-    calls = [{**c, "function": {**c["function"], "arguments": _as_json(c["function"]["arguments"])}}
-             for c in message["tool_calls"]]  # fmt: skip
-    return {**message, "tool_calls": calls}
-
-
-def _as_json(arguments: Any) -> str:
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return [(wire_form(record["messages"]), record.get("tools"))]
 
 
 def record_tokens(

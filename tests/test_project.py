@@ -14,6 +14,7 @@ from sdg_job.project import (
     check_tool_conversation,
     project_rows,
     scaffolding_labels,
+    wire_form,
 )
 
 SFT = load_recipe("tiny").output_projection
@@ -99,6 +100,8 @@ def test_the_openai_wire_form_is_an_option() -> None:
     calling = record["messages"][2]
     assert calling["content"] is None
     assert json.loads(calling["tool_calls"][0]["function"]["arguments"]) == {"order_id": "ORD-1"}  # a JSON string
+    (hf,), _ = project_rows(TOOLS, [tool_row()])  # and back, as the token count sends records to the server
+    assert wire_form(hf["messages"])[2]["tool_calls"] == calling["tool_calls"]
 
 
 @pytest.mark.parametrize(
