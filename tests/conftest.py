@@ -16,6 +16,25 @@ from sdg_job.supervise import start_time
 REPO = Path(__file__).resolve().parent.parent
 
 
+# `make test` runs two pytest-xdist workers (--dist loadgroup): each module is one unit of work, so its module-scoped
+# cluster is started once, and the modules that share the session's Docker engine and image are one unit together.
+SHARED_GROUPS = {"test_docker": "image", "test_pyxis": "image"}
+# Longest first (minutes on a full run here), so that the two workers finish together; the rest follow in file order.
+LONGEST_FIRST = ["image", "test_slurm", "test_vllm", "test_trl", "test_e2e", "test_scale_out", "test_lifecycle",
+                 "test_bench", "test_ssh_tunnel", "test_step_shape", "test_card"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def group(item: pytest.Item) -> str:
+        module = item.path.stem
+        return SHARED_GROUPS.get(module, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within and after
+
+
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     d = tmp_path / "out"

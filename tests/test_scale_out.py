@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sdg_job.serve import Server, simulator_spec
-from tests.conftest import read_jsonl, run_cli, start_cli, wait_for
+from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 # Two servers share this machine's cores: one thread each, or llama.cpp's spinning threads starve each other.
@@ -24,6 +24,18 @@ pytestmark = pytest.mark.e2e
 N = 20
 ARGS = ("run", "recipe=tiny", f"num_records={N}", "generation.shard_size=5", "serve.threads=1",
         "models.text.inference_parameters.max_tokens=48", "generation.keep_truncated=true")  # fmt: skip
+
+
+# Every process of this module's Ray clusters (raylets, workers, the servers they start) inherits this marker:
+# `pids` finds this module's processes only, whatever another test runs beside it.
+MARKER = ("SDG_TEST_SCALE_OUT", str(os.getpid()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def marked():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(*MARKER)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,8 @@ def committed(out_dir: Path) -> list[Path]:
 
 def pids(pattern: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    ours = processes_with_env(*MARKER)
+    return [int(p) for p in out.split() if int(p) in ours]
 
 
 def assert_exactly_n_unique(out_dir: Path, n: int = N) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sdg_job.serve import free_port
 from tests.conftest import REPO, all_files, processes_with_env, read_jsonl, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +34,8 @@ CLUSTER = {"account": "test", "partition": "debug", "nodes": 2, "gpus_per_node":
 
 def cluster_profile(**keys: object) -> str:
     """The test cluster's profile (YAML), with `keys` added or replaced."""
+    # A Ray port of its own: another test cluster's job may run beside this one on the same host.
+    keys = {"ray_port": free_port()} | keys
     return yaml.safe_dump({"slurm": CLUSTER | {k: str(v) if isinstance(v, Path) else v for k, v in keys.items()}})
 
 
@@ -113,7 +116,8 @@ def sbatch_argv(job_dir: Path, job: tuple[str, ...] = JOB) -> list[str]:
 
 def sbatch(env: dict[str, str], job_dir: Path, *extra_env: str) -> str:
     """slurm/sdg-job.sbatch as its header says, without pyxis: the installation this test runs from."""
-    run_env = env | {"SDG_CONTAINER": "none", "SDG_VENV": sys.prefix, "SDG_JOB_DIR": str(job_dir)}
+    run_env = env | {"SDG_CONTAINER": "none", "SDG_VENV": sys.prefix, "SDG_JOB_DIR": str(job_dir),
+                     "SDG_RAY_PORT": str(free_port())}  # fmt: skip
     run_env |= dict(e.split("=", 1) for e in extra_env)
     return slurm_cmd(run_env | {"SDG_WAIT_S": "180"}, *sbatch_argv(job_dir)).strip().split(";")[0]
 
