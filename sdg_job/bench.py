@@ -247,7 +247,8 @@ n, in_flight, warmup, max_tokens = map(int, sys.argv[4:])
 offline_environment(work / "dd_home")
 from sdg_job import dd_hotpath
 from sdg_job.config import load_recipe
-from sdg_job.generate import Endpoint, generate
+from sdg_job.endpoints import Endpoint
+from sdg_job.generate import generate
 from sdg_job.seeds import read_seed_rows
 if variant == "fixed":
     dd_hotpath.apply()
@@ -331,6 +332,8 @@ def real_server(engine: str, records: int, repeats: int, rows: list[Row], tmp: P
                 f"generation.shard_size={records}",
                 f"generation.max_parallel_requests={concurrency}",
                 "generation.keep_truncated=true",
+                # Its 1-token probe, seconds before Ray is up, would open the window the token rate is taken over.
+                "providers.openai.preflight=false",
             ]  # fmt: skip  (the minimal client keeps every answer too)
             with TokenRate(url, server.api_key, TOKEN_COUNTERS[engine]) as rate:
                 run_job(args, tmp / f"{engine}{i}", env)

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if ns.preview:
             with _quiet_preview():
-                records, dropped = job.preview(recipe)
+                records, dropped = job.preview(recipe, source)
             for record in records:
                 print(json.dumps(record, ensure_ascii=False, indent=2))
             print(f"# preview: {len(records)} valid, dropped {dropped or 'none'}; nothing written", file=sys.stderr)

@@ -20,8 +20,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdg_job.config import Recipe, ServeSpec
+from sdg_job.endpoints import Endpoint
 from sdg_job.errors import JobError, RecipeError
-from sdg_job.generate import Endpoint
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe
 from sdg_job.shard import run_shard

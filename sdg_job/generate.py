@@ -25,21 +25,9 @@ from sdg_job.config import (
     SamplerColumn,
     StructuredMessagesProjection,
 )
+from sdg_job.endpoints import Endpoint
 
 log = logging.getLogger("sdg_job.generate")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a shard sends its requests. The key travels as an env-var NAME, resolved by Data Designer."""
-
-    url: str
-    api_key_env: str | None
-    served_model: str | None = None  # set for provider: local, where the server serves exactly one model
-    max_parallel_requests: int = 4
-    # Whether the server takes `chat_template_kwargs` (vLLM, llama.cpp, NVIDIA's API do; a strict OpenAI-compatible
-    # service may refuse an unknown field with HTTP 400, which would lose every row).
-    takes_template_kwargs: bool = True
 
 
 @dataclass

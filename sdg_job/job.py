@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -26,8 +25,8 @@ import numpy as np
 
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
+from sdg_job.endpoints import Endpoint, concurrency, preflight, remote_endpoint
 from sdg_job.errors import Interrupted, JobError, RecipeError
-from sdg_job.generate import Endpoint
 from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
@@ -41,7 +40,6 @@ from sdg_job.tokens import tokenizer_name
 log = logging.getLogger("sdg_job")
 PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
 RSS_UNITS_PER_MB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
 
 
 def check_environment(recipe: Recipe) -> None:
@@ -69,31 +67,6 @@ def check_output_path(recipe: Recipe, source: str) -> None:
             pass
     except OSError as e:
         raise RecipeError(source, key, f"cannot create {e.filename or recipe.run_dir}: {e.strerror or e}") from None
-
-
-def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
-    provider = recipe.providers[recipe.provider]
-    key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
-    hosted_by_nvidia = recipe.provider == "nvidia" or "api.nvidia.com" in provider.endpoint
-    return Endpoint(provider.endpoint, key_env, None, parallel, takes_template_kwargs=hosted_by_nvidia)
-
-
-def concurrency(recipe: Recipe) -> tuple[int, int]:
-    """(shard workers per node, requests in flight per worker), sized so each server never idles.
-
-    A record has one request in flight at a time (its columns depend on each other), so one shard keeps at
-    most `shard_size` requests going, and fewer in its tail. Enough workers to fill the server's capacity,
-    plus one whose shard overlaps another's tail; each may push a full share, the server queues the rest.
-
-    Tried and measured (C=256): capping each worker at 64 in flight, with more workers, saves ~0.3 ms CPU per
-    record (Data Designer scans its connection pool on every request) but lets the server drain at the end of
-    the job: saturation 0.89-0.96 against 0.99. The server's time is what costs, so workers stay few and full.
-    """
-    gen, serve = recipe.generation, recipe.serve
-    served_here = serve.capacity if recipe.provider == "local" and serve is not None else REMOTE_CONCURRENCY
-    capacity = gen.max_parallel_requests or served_here
-    workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
-    return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
 
 
 def versions() -> dict[str, str]:
@@ -394,6 +367,7 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the manifest. Raises RecipeError (exit 2) when another driver holds the run dir,
     Interrupted (exit 128 + signal) on SIGTERM, SIGINT or SIGHUP, JobError (exit 1) when it cannot finish."""
     check_environment(recipe)
+    preflight(recipe, source)
     check_output_path(recipe, source)
     signals = Signals().install()
     try:
@@ -500,9 +474,10 @@ def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Endpoint]:
             os.environ.pop(API_KEY_ENV, None)
 
 
-def preview(recipe: Recipe, count: int = 3) -> tuple[list[dict], dict[str, int]]:
+def preview(recipe: Recipe, source: str, count: int = 3) -> tuple[list[dict], dict[str, int]]:
     """A handful of projected records, generated for real, without touching the output or the run dir."""
     check_environment(recipe)
+    preflight(recipe, source)
     with tempfile.TemporaryDirectory(prefix="sdg-preview-") as tmp:
         store = RunStore(Path(tmp))
         store.open("preview", True, "preview")

@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 from sdg_job.card import column_types
 from sdg_job.config import Recipe
+from sdg_job.endpoints import Endpoint
 from sdg_job.errors import ServerUnavailable
-from sdg_job.generate import Endpoint, generate, load_engine
+from sdg_job.generate import generate, load_engine
 from sdg_job.plan import Shard
 from sdg_job.project import project_rows, scaffolding_labels
 from sdg_job.store import RunStore

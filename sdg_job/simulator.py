@@ -4,7 +4,8 @@ It behaves like a continuous-batching engine with `slots` concurrent sequences: 
 `max_tokens × seconds_per_token` (+ a fixed prefill cost) and queues when all slots are busy, so its capacity is
 known exactly: slots / service_time requests per second. Answers are unique filler text, or, when the request
 carries `response_format: json_schema`, a minimal instance of that schema. Faults are injected at set rates:
-HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server). `startup_s` delays listening,
+HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server). `serves` names the only models
+it serves: a request for another gets vLLM's 404. `startup_s` delays listening,
 like an engine loading its weights. `record` appends each request body to a JSONL file (what a test checks the
 client sent). Like a reasoning model behind vLLM's reasoning parser, it thinks unless the request says
 `chat_template_kwargs: {enable_thinking: false}`, and returns the trace as `reasoning` (as vLLM 0.16 and later do),
@@ -56,7 +57,9 @@ def schema_instance(schema: dict[str, Any], defs: dict[str, Any], rng: random.Ra
 
 class Simulator:
     def __init__(self, slots: int, seconds_per_token: float, prefill_s: float, faults: dict[str, float],
-                 die_after: int | None, seed: int, record: str | None = None, cut_rate: float = 0.0):  # fmt: skip
+                 die_after: int | None, seed: int, record: str | None = None, cut_rate: float = 0.0,
+                 serves: list[str] | None = None):  # fmt: skip
+        self.serves = serves
         self.cut_rate = cut_rate  # text answers reported as cut at max_tokens (finish_reason: length)
         self.record = open(record, "a", buffering=1) if record else None  # noqa: SIM115 (lives as long as the server)
         self.slots = asyncio.Semaphore(slots)
@@ -79,6 +82,10 @@ class Simulator:
         body = await request.json()
         if self.record:
             self.record.write(json.dumps(body) + "\n")
+        if self.serves and body.get("model") not in self.serves:
+            message = f"The model `{body.get('model')}` does not exist."
+            return web.json_response({"object": "error", "message": message, "type": "NotFoundError", "code": 404},
+                                     status=404)  # fmt: skip
         roll = self.rng.random()
         for status, rate in self.faults.items():
             if roll < rate:
@@ -118,7 +125,8 @@ class Simulator:
         return web.json_response({"status": "ok"})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "simulated", "object": "model"}]})
+        ids = self.serves or ["simulated"]
+        return web.json_response({"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
 
     async def get_stats(self, request: web.Request) -> web.Response:  # completion times: benchmarks' steady state
         return web.json_response(self.stats)
@@ -147,12 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--startup-s", type=float, default=0.0, help="wait this long before listening (loading weights)")
     p.add_argument("--record", default=None, help="append each request body to this JSONL file")
     p.add_argument("--cut-rate", type=float, default=0.0, help="text answers reported cut at max_tokens (length)")
+    p.add_argument("--serves", default=None, help="comma-separated model names; others get HTTP 404")
     a = p.parse_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
     async def serve() -> None:
         await asyncio.sleep(a.startup_s)
-        sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record, a.cut_rate)
+        serves = a.serves.split(",") if a.serves else None
+        sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record, a.cut_rate,
+                        serves)  # fmt: skip
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 
 from sdg_job.config import Projection, ServeSpec
+from sdg_job.endpoints import Endpoint
 from sdg_job.errors import ServerUnavailable
-from sdg_job.generate import Endpoint
 from sdg_job.project import wire_form
 
 log = logging.getLogger("sdg_job.tokens")

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from sdg_job.config import load_recipe
-from sdg_job.job import client_cpu, concurrency
+from sdg_job.endpoints import concurrency
+from sdg_job.job import client_cpu
 from tests.conftest import REPO
 
 

@@ -95,6 +95,19 @@ def test_docker_run_against_an_openai_endpoint_on_the_host(docker_engine, projec
     assert SECRET not in result.stdout + result.stderr
 
 
+def test_docker_run_with_a_wrong_key_exits_2_at_once_with_the_cause(docker_engine, project_image, endpoint,
+                                                                    tmp_path) -> None:  # fmt: skip
+    out = owned_out_dir(tmp_path)
+    wrong = "sk-SENTINEL-wrong-docker-key-42"
+    env = docker_engine | {"OPENAI_BASE_URL": endpoint, "OPENAI_API_KEY": wrong}
+    result = run_image(env, "-e", "OPENAI_BASE_URL", "-e", "OPENAI_API_KEY", "-v", f"{out}:/out", IMAGE,
+                       "recipe=tiny", "provider=openai", check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "HTTP 401: the key in $OPENAI_API_KEY was refused" in result.stderr, result.stderr[-3000:]
+    assert wrong not in result.stdout + result.stderr and SECRET not in result.stdout + result.stderr
+    assert list(out.iterdir()) == []
+
+
 def test_image_runs_as_a_user_with_hf_settings_and_holds_no_secret(docker_engine, project_image) -> None:
     (inspect,) = json.loads(docker(docker_engine, "image", "inspect", IMAGE).stdout)
     config = inspect["Config"]

@@ -137,7 +137,7 @@ def test_a_node_checking_its_server_takes_no_shards_and_does_not_hold_up_the_dri
     import ray
 
     from sdg_job.cluster import Node, NodeServer
-    from sdg_job.generate import Endpoint
+    from sdg_job.endpoints import Endpoint
 
     ray.init(address=two_nodes["RAY_ADDRESS"])
     try:

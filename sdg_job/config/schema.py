@@ -40,6 +40,10 @@ class ModelSpec(Strict):
         default=None, description="the Nemotron step's per-model provider; the recipe's `provider` decides for all"
     )
     inference_parameters: InferenceParameters = InferenceParameters()
+    skip_health_check: bool = Field(
+        default=False,
+        description="the Nemotron step's key: true leaves this model out of a remote provider's preflight",
+    )
     reasoning: Literal["off", "on"] | None = Field(
         default=None,
         description="off: ask the chat template not to think (chat_template_kwargs.enable_thinking=false), so "
@@ -57,6 +61,11 @@ class ModelSpec(Strict):
 class ProviderSpec(Strict):
     endpoint: str
     api_key_env: str | None = Field(default=None, description="NAME of the env var holding the key, never the key")
+    preflight: bool = Field(
+        default=True,
+        description="probe each model with a 1-token chat completion before the job starts: a wrong key, an unserved "
+        "model or an unreachable endpoint stops it at once, with the cause (exit 2)",
+    )
 
     @field_validator("api_key_env")
     @classmethod

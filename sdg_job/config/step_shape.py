@@ -88,7 +88,6 @@ def _by_name(items: list, section: str, key: str, problems: list, convert) -> di
 
 def _model(item: dict, where: str, problems: list) -> dict:
     item = dict(item)
-    item.pop("skip_health_check", None)  # the job health-gates the servers it starts; remote ones are not probed
     params = item.get("inference_parameters")
     if isinstance(params, dict):  # concurrency is the job's to size, from the server's capacity
         item["inference_parameters"] = {k: v for k, v in params.items() if k != "max_parallel_requests"}

@@ -1,0 +1,149 @@
+"""Where a shard's requests go: the endpoint (the node's own server, or a remote provider), how many requests it
+keeps in flight there, and, for a remote provider, a preflight that finds a wrong key, a model the endpoint does not
+serve or an endpoint nobody answers at before any work starts, and says which.
+
+The key never leaves the environment: an endpoint carries the NAME of the variable that holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import httpx
+
+from sdg_job.config import Recipe
+from sdg_job.errors import RecipeError
+
+log = logging.getLogger("sdg_job.endpoints")
+REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
+# A 1-token completion answers in about a second at a hosted provider; a cold serverless model may take longer.
+PREFLIGHT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a shard sends its requests. The key travels as an env-var NAME, resolved by Data Designer."""
+
+    url: str
+    api_key_env: str | None
+    served_model: str | None = None  # set for provider: local, where the server serves exactly one model
+    max_parallel_requests: int = 4
+    # Whether the server takes `chat_template_kwargs` (vLLM, llama.cpp, NVIDIA's API do; a strict OpenAI-compatible
+    # service may refuse an unknown field with HTTP 400, which would lose every row).
+    takes_template_kwargs: bool = True
+
+
+def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
+    provider = recipe.providers[recipe.provider]
+    key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
+    hosted_by_nvidia = recipe.provider == "nvidia" or "api.nvidia.com" in provider.endpoint
+    return Endpoint(provider.endpoint, key_env, None, parallel, takes_template_kwargs=hosted_by_nvidia)
+
+
+def concurrency(recipe: Recipe) -> tuple[int, int]:
+    """(shard workers per node, requests in flight per worker), sized so each server never idles.
+
+    A record has one request in flight at a time (its columns depend on each other), so one shard keeps at
+    most `shard_size` requests going, and fewer in its tail. Enough workers to fill the server's capacity,
+    plus one whose shard overlaps another's tail; each may push a full share, the server queues the rest.
+
+    Tried and measured (C=256): capping each worker at 64 in flight, with more workers, saves ~0.3 ms CPU per
+    record (Data Designer scans its connection pool on every request) but lets the server drain at the end of
+    the job: saturation 0.89-0.96 against 0.99. The server's time is what costs, so workers stay few and full.
+    """
+    gen, serve = recipe.generation, recipe.serve
+    served_here = serve.capacity if recipe.provider == "local" and serve is not None else REMOTE_CONCURRENCY
+    capacity = gen.max_parallel_requests or served_here
+    workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
+    return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
+
+
+# ---------------------------------------------------------------- preflight of a remote provider
+
+
+def preflight(recipe: Recipe, source: str) -> None:
+    """One 1-token chat completion per model the recipe sends to a remote provider, with the recipe's key, before
+    Ray, a lease or a shard: a wrong key, a model the endpoint does not serve, or an endpoint that does not answer
+    ends the job here (RecipeError, exit 2), in one line that names the provider, the endpoint and the cause.
+
+    Off with `providers.<name>.preflight: false`, or per model with the Nemotron step's `skip_health_check: true`.
+    A 429 or 5xx is not the recipe's fault: it is logged and the job goes on (the run paces and retries those)."""
+    if recipe.provider == "local":
+        return
+    name, provider = recipe.provider, recipe.providers[recipe.provider]
+    models = sorted({m.model for m in recipe.models.values() if not m.skip_health_check})
+    if not provider.preflight or not models:
+        return
+    key_env = provider.api_key_env
+    key = (os.environ.get(key_env) or None) if key_env else None  # set but empty is unset
+    where, url = f"providers.{name}", provider.endpoint.rstrip("/")
+
+    def fail(cause: str) -> RecipeError:
+        return RecipeError(source, where, f"{url}: {redact(cause, key)}")
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(headers=headers, timeout=PREFLIGHT_TIMEOUT) as client:
+        for model in models:
+            body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+            try:
+                answer = client.post(f"{url}/chat/completions", json=body)
+            except httpx.TimeoutException:
+                raise fail(f"no answer within {PREFLIGHT_TIMEOUT.read:.0f} s (a 1-token chat completion)") from None
+            except httpx.HTTPError as e:
+                raise fail(f"cannot reach it ({transport_cause(e)})") from None
+            status, said = answer.status_code, provider_message(answer)
+            if status in (401, 403):
+                if key is None:
+                    held = f"${key_env} is not set" if key_env else f"{where}.api_key_env names no key variable"
+                else:
+                    held = f"the key in ${key_env} was refused"
+                raise fail(f"HTTP {status}: {held} ({said})")
+            if status == 404:
+                served = served_models(client, url)
+                listed = f"; it serves: {', '.join(served)}" if served else ""
+                raise fail(f"HTTP 404: model {model!r} is not served there ({said}){listed}")
+            if status >= 400:
+                log.warning("preflight %s, model %s: HTTP %d (%s); going on", url, model, status, said)
+    log.info("preflight: %s answers for %s", url, ", ".join(models))
+
+
+def provider_message(answer: httpx.Response, limit: int = 200) -> str:
+    """The provider's own words for an error: OpenAI's error.message, vLLM's message, FastAPI's detail, or text."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return answer.text.strip()[:limit] or answer.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error")
+        for said in (error.get("message") if isinstance(error, dict) else error, body.get("message"),
+                     body.get("detail")):  # fmt: skip
+            if isinstance(said, str) and said:
+                return said[:limit]
+    return str(body)[:limit]
+
+
+def served_models(client: httpx.Client, url: str) -> list[str]:
+    """The ids `GET /models` lists, if the endpoint says (a few at most: hosted catalogues are long)."""
+    try:
+        data = client.get(f"{url}/models").json().get("data", [])
+        ids = sorted(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+    return ids[:20] + ([f"… {len(ids) - 20} more"] if len(ids) > 20 else [])
+
+
+def transport_cause(e: httpx.HTTPError) -> str:
+    """Connection refused, name not resolved, TLS: the innermost error's own words."""
+    inner: BaseException = e
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    text = str(inner) or str(e) or type(e).__name__
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+def redact(text: str, key: str | None) -> str:
+    """A provider may echo the key it refused; it is never printed."""
+    return text.replace(key, "***") if key else text

@@ -1,0 +1,107 @@
+"""A remote provider's key, model and endpoint are checked before any work starts (sdg_job.endpoints.preflight).
+
+The endpoint with a key is real: llama-server with the embedded model, started with `--api-key`, which answers 401 to
+any other key. The model a provider does not serve needs a server that checks model names: the SIMULATED one
+(sdg_job.simulator --serves), as vLLM answers. A closed port is a port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from sdg_job.config import load_recipe
+from sdg_job.endpoints import preflight
+from sdg_job.errors import RecipeError
+from sdg_job.serve import Server, free_port, simulator_spec
+from tests.conftest import REPO, run_cli
+
+KEY = "sk-SENTINEL-endpoint-key-0123456789"
+WRONG = "sk-SENTINEL-wrong-key-9876543210"
+TINY_REMOTE = ("run", "recipe=tiny", "provider=openai", "num_records=4")
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory) -> str:
+    """A real endpoint that wants a key: llama-server with the embedded model and `--api-key`."""
+    spec = load_recipe("tiny").serve
+    assert spec is not None
+    with Server(spec, tmp_path_factory.mktemp("llama") / "server.log", api_key=KEY) as server:
+        yield server.endpoint
+
+
+def refused_at_once(out_dir: Path, env: dict[str, str], *extra: str) -> str:
+    """Exit 2 within 15 s, nothing written; the error line."""
+    started = time.monotonic()
+    result = run_cli(*TINY_REMOTE, *extra, out_dir=out_dir, env=env, timeout=120)
+    took = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert took < 15, f"{took:.1f}s"
+    assert list(out_dir.iterdir()) == []
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert KEY not in result.stderr and WRONG not in result.stderr
+    return line
+
+
+def test_a_wrong_key_stops_the_job_at_once_naming_the_variable_and_the_401(keyed, out_dir: Path) -> None:
+    line = refused_at_once(out_dir, {"OPENAI_BASE_URL": keyed, "OPENAI_API_KEY": WRONG})
+    assert "providers.openai" in line and keyed in line, line
+    assert "HTTP 401" in line and "the key in $OPENAI_API_KEY was refused" in line, line
+    assert "Invalid API Key" in line, line  # the provider's own words
+
+
+def test_an_unset_key_variable_is_named(keyed, out_dir: Path) -> None:
+    line = refused_at_once(out_dir, {"OPENAI_BASE_URL": keyed, "OPENAI_API_KEY": ""})
+    assert "HTTP 401" in line and "$OPENAI_API_KEY is not set" in line, line
+
+
+def test_provider_nvidia_without_its_key_is_refused_before_any_request(out_dir: Path) -> None:
+    port = free_port()  # nothing listens: any request would be a connection error, not this message
+    env = {"NVIDIA_API_KEY": ""}
+    result = run_cli("run", "recipe=tiny", "provider=nvidia", f"providers.nvidia.endpoint=http://127.0.0.1:{port}/v1",
+                     out_dir=out_dir, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "NVIDIA_API_KEY: is not set" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_closed_port_is_refused_at_once_with_the_cause(out_dir: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    line = refused_at_once(out_dir, {"OPENAI_BASE_URL": url, "OPENAI_API_KEY": KEY})
+    assert url in line and "cannot reach it" in line and "Connection refused" in line, line
+
+
+def test_preview_runs_the_preflight_too(out_dir: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    line = refused_at_once(out_dir, {"OPENAI_BASE_URL": url}, "--preview")
+    assert "cannot reach it" in line, line
+
+
+def test_a_model_the_endpoint_does_not_serve_is_named_with_what_it_serves(out_dir: Path, tmp_path: Path) -> None:
+    spec = simulator_spec(extra_args=["--serves", "meta/llama-3.1-8b-instruct,openai/gpt-oss-20b"])
+    with Server(spec, tmp_path / "sim.log") as sim:
+        line = refused_at_once(out_dir, {"OPENAI_BASE_URL": sim.endpoint}, "models.text.model=no/such-model")
+    assert "HTTP 404" in line and "'no/such-model' is not served there" in line, line
+    assert "it serves: meta/llama-3.1-8b-instruct, openai/gpt-oss-20b" in line, line
+
+
+def test_the_preflight_is_off_per_provider_or_per_model(tmp_path: Path) -> None:
+    """`providers.<name>.preflight: false`, or the step's `skip_health_check: true` on every model: no request."""
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    base = ["provider=openai", f"providers.openai.endpoint={closed}"]
+    with pytest.raises(RecipeError, match="cannot reach it"):
+        preflight(load_recipe("tiny", base), "tiny")
+    preflight(load_recipe("tiny", [*base, "providers.openai.preflight=false"]), "tiny")
+    preflight(load_recipe("tiny", [*base, "models.text.skip_health_check=true"]), "tiny")
+    preflight(load_recipe("tiny"), "tiny")  # provider local: the job health-gates its own servers
+    step = load_recipe(str(REPO / "tests" / "step_shape" / "sft.yaml"))  # the step's own key reaches the recipe
+    assert step.models["nvidia-text"].skip_health_check is True
+
+
+def test_the_right_key_passes(keyed, monkeypatch, caplog) -> None:
+    """The whole job against this endpoint runs in tests/test_docker.py (`docker run … provider=openai`)."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with caplog.at_level("INFO", logger="sdg_job.endpoints"):
+        preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={keyed}"]), "tiny")
+    assert f"preflight: {keyed} answers for" in caplog.text
