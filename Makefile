@@ -26,11 +26,11 @@ lint: install
 	$(BIN)/mypy
 
 # Two pytest workers, one module (or one group of modules sharing a cluster) each at a time: the cluster tests mostly
-# wait on Slurm, Docker and enroot, and the model tests fill the cores meanwhile (tests/conftest.py orders them).
+# wait on Slurm, Docker and enroot, and the model tests fill the cores meanwhile (tests/conftest.py: units, order).
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) output

@@ -16,23 +16,41 @@ from sdg_job.supervise import start_time
 REPO = Path(__file__).resolve().parent.parent
 
 
-# `make test` runs two pytest-xdist workers (--dist loadgroup): each module is one unit of work, so its module-scoped
-# cluster is started once, and the modules that share the session's Docker engine and image are one unit together.
-SHARED_GROUPS = {"test_docker": "image", "test_pyxis": "image"}
+# `make test` runs two pytest-xdist workers. Each module is one unit of work, so its module-scoped cluster is started
+# once, and the modules that share the session's Docker engine and image are one unit together.
+SHARED_UNITS = {"test_docker": "image", "test_pyxis": "image"}
 # Longest first (minutes on a full run here), so that the two workers finish together; the rest follow in file order.
 LONGEST_FIRST = ["image", "test_slurm", "test_vllm", "test_trl", "test_e2e", "test_scale_out", "test_lifecycle",
                  "test_bench", "test_ssh_tunnel", "test_step_shape", "test_card"]  # fmt: skip
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def group(item: pytest.Item) -> str:
-        module = item.path.stem
-        return SHARED_GROUPS.get(module, module)
+def unit_of(nodeid: str) -> str:
+    module = Path(nodeid.split("::")[0]).stem
+    return SHARED_UNITS.get(module, module)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within and after
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable: file order within and after
+
+
+class ByUnit:
+    """xdist's loadscope with our units (its loadgroup marks do not reach the node ids under pytest 9)."""
+
+    @staticmethod
+    def pytest_xdist_make_scheduler(config: pytest.Config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return unit_of(nodeid)
+
+        return Scheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.has_plugin("xdist"):  # its hook exists only with xdist (`-p no:xdist` runs in one process)
+        config.pluginmanager.register(ByUnit())
 
 
 @pytest.fixture
