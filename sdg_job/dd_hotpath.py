@@ -23,6 +23,9 @@ results the same (except that a pathologically nested Markdown answer no longer 
 Beside them, one observation the job needs and Data Designer 0.9.7 does not keep: which answers were cut at
 `max_tokens` (`finish_reason: length`). A text cell is only the answer's text, so a cut answer looks complete;
 `cut_answers` collects their texts, and `generate` flags the rows that carry one (they are dropped as `truncated`).
+And a second: why requests failed. Data Designer drops a row whose request failed and says only that rows failed;
+`request_errors` counts each failed request by cause (Data Designer's own classification of the provider's answer:
+auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said`.
 
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
 skipped with a warning, so an upgrade never runs patched code nobody checked against it.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from importlib.metadata import version
 from typing import Any
 
@@ -41,6 +45,8 @@ TESTED_VERSION = "0.9.7"
 _applied: bool | None = None  # None: not tried yet
 tokenizer_error: str | None = None  # why cl100k_base could not be loaded in this process
 cut_answers: set[str] = set()  # stripped texts of answers cut at max_tokens in this process (generate clears it)
+request_errors: Counter[str] = Counter()  # failed requests in this process by cause (generate clears it)
+request_error_said: dict[str, str] = {}  # the provider's message, one per cause
 
 
 def apply() -> bool:
@@ -56,6 +62,7 @@ def apply() -> bool:
             _smaller_connection_pools()
             _one_tokenizer_download_attempt()
             _note_cut_answers()
+            _note_request_errors()
         else:
             log.warning("Data Designer %s: hot-path fixes skipped (tested on %s)", found, TESTED_VERSION)
     return _applied
@@ -154,3 +161,34 @@ def _note_cut_answers() -> None:
 
     ModelFacade.completion = completion_noting_cuts  # type: ignore[method-assign]
     ModelFacade.acompletion = acompletion_noting_cuts  # type: ignore[method-assign]
+
+
+def _note_request_errors() -> None:
+    from data_designer.engine.models.clients.errors import ProviderError
+    from data_designer.engine.models.facade import ModelFacade
+
+    from sdg_job.endpoints import request_cause
+
+    def note(e: ProviderError) -> None:
+        cause = request_cause(getattr(e.kind, "value", str(e.kind)))
+        request_errors[cause] += 1
+        request_error_said.setdefault(cause, f"HTTP {e.status_code}: {e.message}" if e.status_code else e.message)
+
+    completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
+
+    def completion_noting_errors(self, *args, **kwargs):
+        try:
+            return completion(self, *args, **kwargs)
+        except ProviderError as e:
+            note(e)
+            raise
+
+    async def acompletion_noting_errors(self, *args, **kwargs):
+        try:
+            return await acompletion(self, *args, **kwargs)
+        except ProviderError as e:
+            note(e)
+            raise
+
+    ModelFacade.completion = completion_noting_errors  # type: ignore[method-assign]
+    ModelFacade.acompletion = acompletion_noting_errors  # type: ignore[method-assign]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -59,6 +61,66 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     capacity = gen.max_parallel_requests or served_here
     workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
     return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
+
+
+# ---------------------------------------------------------------- an endpoint failing at run time
+
+# Data Designer's classification of a failed request (ProviderErrorKind) → the cause the job reports.
+CAUSES = {"authentication": "auth", "permission_denied": "auth", "not_found": "not_found",
+          "api_connection": "connection", "timeout": "timeout", "request_admission_timeout": "timeout",
+          "rate_limit": "rate_limited", "quota_exceeded": "rate_limited", "internal_server": "server_error",
+          "api_error": "server_error", "context_window_exceeded": "context_window"}  # fmt: skip
+REQUEST_CAUSES = {*CAUSES.values(), "bad_request"}  # dropped reasons that are failed requests, not failed records
+
+
+def request_cause(kind: str) -> str:
+    return CAUSES.get(kind, "bad_request")  # bad_request, unsupported_params, unprocessable_entity, …
+
+
+# Causes of failed requests that no retry cures, and how long every shard must fail with one before the job stops:
+# a refused key or an unknown model at once, refused connections once they outlast a restart.
+INCURABLE_AFTER_S = {"auth": 0.0, "not_found": 0.0, "connection": 30.0}
+
+
+class EndpointFailing(Exception):
+    def __init__(self, cause: str, said: str | None, shard: str, for_s: float):
+        self.cause, self.said, self.shard, self.for_s = cause, said, shard, for_s
+
+
+class EndpointWatch:
+    """Stops a job whose shards fail whole, every request with one cause that retrying cannot cure: without it
+    each shard would be retried and topped up until the budget ran out, minutes or hours later, for nothing."""
+
+    def __init__(self) -> None:
+        self.failing_since: dict[str, float] = {}
+
+    def saw(self, summary: dict[str, Any]) -> None:
+        """Called with each committed shard's summary; raises EndpointFailing to stop the job."""
+        errors = summary.get("request_errors") or {}
+        cause = next(iter(errors)) if len(errors) == 1 else None
+        if summary["generated"] or cause not in INCURABLE_AFTER_S:
+            self.failing_since.clear()  # a shard that gave anything, or failed otherwise: the endpoint works
+            return
+        since = self.failing_since.setdefault(cause, time.monotonic())
+        if time.monotonic() - since >= INCURABLE_AFTER_S[cause]:
+            raise EndpointFailing(cause, summary.get("request_error"), summary["shard"], time.monotonic() - since)
+
+
+def failing_message(recipe: Recipe, e: EndpointFailing) -> str:
+    if recipe.provider == "local":
+        where = "the job's own server"
+        fix = "see its log under the run dir's logs/"
+    else:
+        provider = recipe.providers[recipe.provider]
+        where = f"provider {recipe.provider} ({provider.endpoint})"
+        fix = {
+            "auth": f"check the key in ${provider.api_key_env}" if provider.api_key_env else "it wants a key",
+            "not_found": "check the models' names against what it serves",
+            "connection": f"it has refused connections for {e.for_s:.0f} s",
+        }[e.cause]
+    said = f": {e.said.rstrip('.')}" if e.said else ""
+    return (f"every request of {e.shard} to {where} failed with {e.cause}{said}; {fix}. Committed shards are kept: "
+            "run the same command to resume once it is fixed.")  # fmt: skip
 
 
 # ---------------------------------------------------------------- preflight of a remote provider
@@ -144,6 +206,6 @@ def transport_cause(e: httpx.HTTPError) -> str:
     return f"{type(e).__name__}: {text}"[:300]
 
 
-def redact(text: str, key: str | None) -> str:
+def redact(text: str | None, key: str | None) -> str | None:
     """A provider may echo the key it refused; it is never printed."""
-    return text.replace(key, "***") if key else text
+    return text.replace(key, "***") if text and key else text

@@ -39,6 +39,8 @@ class GenerationResult:
     output_tokens: int = 0
     error: str | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    request_errors: dict[str, int] = field(default_factory=dict)  # failed requests by cause (dd_hotpath.CAUSES)
+    request_error: str | None = None  # the provider's words for the most frequent cause
 
 
 def offline_environment(home: Path) -> None:
@@ -232,6 +234,8 @@ def generate(
     )
     builder = build_config(recipe, endpoint, seed_rows)
     dd_hotpath.cut_answers.clear()
+    dd_hotpath.request_errors.clear()
+    dd_hotpath.request_error_said.clear()
     counter = _TokenCounter()
     unsubscribe = subscribe_token_usage(counter)
     try:
@@ -247,6 +251,10 @@ def generate(
     failed = max(num_records - len(rows), 0)
     if not recipe.generation.keep_truncated:
         flag_cut_answers(recipe, rows, dd_hotpath.cut_answers)
+    causes = dd_hotpath.request_errors.most_common()
+    # Rows lost with failed requests count under the cause of most of them; without any, the model's output failed
+    # (unparsable structured output, Data Designer's own checks).
+    reason = causes[0][0] if causes else "generation_failed"
     return GenerationResult(
         rows=rows,
         requested=num_records,
@@ -254,5 +262,7 @@ def generate(
         input_tokens=counter.input,
         output_tokens=counter.output,
         error=error,
-        reasons={"generation_failed": failed} if failed else {},
+        reasons={reason: failed} if failed else {},
+        request_errors=dict(causes),
+        request_error=dd_hotpath.request_error_said.get(causes[0][0]) if causes else None,
     )

@@ -25,7 +25,16 @@ import numpy as np
 
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
 from sdg_job.config import Recipe, recipe_dict, recipe_hash
-from sdg_job.endpoints import Endpoint, concurrency, preflight, remote_endpoint
+from sdg_job.endpoints import (
+    REQUEST_CAUSES,
+    Endpoint,
+    EndpointFailing,
+    EndpointWatch,
+    concurrency,
+    failing_message,
+    preflight,
+    remote_endpoint,
+)
 from sdg_job.errors import Interrupted, JobError, RecipeError
 from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
@@ -102,6 +111,7 @@ class Job:
         self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
         self.output_shards: list[str] = []  # the committed shards the output took records from (set by merge)
         self.inflight: dict[Any, tuple[Shard, Any]] = {}  # Ray ref → (shard, node)
+        self.endpoint_watch = EndpointWatch()
 
     def _shard(self, index: int, size: int) -> Shard:
         gen = self.recipe.generation
@@ -186,6 +196,7 @@ class Job:
                         raise JobError(f"{shard.id} committed where it ran, but this driver cannot read "
                                        f"{e.filename}: the run dir must be on storage every node and the driver "
                                        "share") from None  # fmt: skip
+                    self.endpoint_watch.saw(summary)
             if all(node.lost for node in nodes):
                 raise JobError("every node is out of service: " + "; ".join(str(node.lost) for node in nodes))
             progress.update(self)
@@ -210,6 +221,9 @@ class Job:
         if dupes:
             dropped["duplicate"] += dupes
         tokens_out = sum(x["output_tokens"] for x in summaries.values())
+        request_errors: Counter[str] = Counter()
+        for x in summaries.values():
+            request_errors.update(x.get("request_errors") or {})
         served = recipe.serve.served_model_name if recipe.provider == "local" and recipe.serve else None
         return {
             "status": status,
@@ -232,6 +246,7 @@ class Job:
             "attempted": self.attempted(),
             "generated": sum(x["generated"] for x in summaries.values()),
             "dropped": dict(sorted(dropped.items())),
+            "request_errors": dict(sorted(request_errors.items())),  # failed requests by cause (a row may have several)
             "retries": len(self.failures),
             "failures": self.failures,
             "server_restarts": sum(s.get("restarts", 0) for s in server_info),
@@ -325,6 +340,17 @@ def client_cpu(timings: dict[str, float], summaries, records: int) -> dict[str, 
         "steady_ms_per_record": per_record(seconds["driver_loop"] + seconds["shards"]),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+
+
+def budget_advice(dropped: Counter[str]) -> str:
+    """Raising the budget helps when records were made and then failed the recipe's checks, not when requests
+    failed (the cause is the endpoint's, and more attempts only fail the same way)."""
+    failed_requests = sum(n for reason, n in dropped.items() if reason in REQUEST_CAUSES)
+    if failed_requests * 2 > sum(dropped.values()):
+        causes = ", ".join(f"{r} {n}" for r, n in dropped.most_common() if r in REQUEST_CAUSES)
+        return (f"most were lost to failed requests ({causes}; the manifest's request_errors), which a larger "
+                "generation.budget would not cure: fix the endpoint")  # fmt: skip
+    return "raise generation.budget or fix the recipe (the manifest's dropped says why records failed)"
 
 
 class BudgetExhausted(Exception):
@@ -423,8 +449,10 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
         error = JobError(
             f"budget exhausted: {e.attempted} records attempted (generation.budget={recipe.generation.budget} × "
             f"{recipe.num_records}) gave only {e.valid} valid records. They are kept in "
-            f"{recipe.output_path}.partial; raise generation.budget or fix the recipe, then re-run to continue."
+            f"{recipe.output_path}.partial; {budget_advice(job.store.dropped)}, then re-run to continue."
         )
+    except EndpointFailing as e:
+        status, error = "endpoint_failed", JobError(failing_message(recipe, e))
     except KeyboardInterrupt:  # from here on a signal is only noted: nothing cuts the clean-up short
         signum = signals.received or signal.SIGINT
         status, error = "interrupted", Interrupted(signum)
@@ -449,6 +477,7 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
         timings["merge"] = time.monotonic() - merge_started
     timings["driver_cpu"] = time.process_time() - cpu0
     manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
+    manifest["error"] = str(error) if error is not None and status != "interrupted" else None
     if status == "complete":  # the card describes a finished dataset; the manifest, written last, vouches for both
         manifest["card"] = job.write_card(manifest).name
     atomic_write(recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -28,9 +28,11 @@ class JobProgress:
         totals = job.store.totals  # kept by the store as shards commit: no pass over every shard on each turn
         valid, tokens = totals["valid"], totals["output_tokens"]
         dropped = totals["requested"] - valid
+        why = ", ".join(f"{reason} {n}" for reason, n in job.store.dropped.most_common(3))
         elapsed = max(time.monotonic() - self.started, 1e-6)
         stats = (
-            f"· shards {len(job.summaries)}/{len(job.shards)} · dropped {dropped} · retries {len(job.failures)} · "
+            f"· shards {len(job.summaries)}/{len(job.shards)} · dropped {dropped}{f' ({why})' if why else ''} · "
+            f"retries {len(job.failures)} · "
             f"{valid / elapsed:.1f} rec/s · {tokens / elapsed:.0f} tok/s ·"
         )
         self.progress.update(self.task, completed=min(valid, job.recipe.num_records), stats=stats)

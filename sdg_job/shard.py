@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from sdg_job.card import column_types
 from sdg_job.config import Recipe
-from sdg_job.endpoints import Endpoint
+from sdg_job.endpoints import Endpoint, redact
 from sdg_job.errors import ServerUnavailable
 from sdg_job.generate import generate, load_engine
 from sdg_job.plan import Shard
@@ -59,6 +59,8 @@ def run_shard(
         "worker": f"{os.uname().nodename}:{os.getpid()}",
         "node_id": node_id,
         "error": result.error,
+        "request_errors": result.request_errors,  # failed requests by cause (a row may have several)
+        "request_error": redact(result.request_error, os.environ.get(endpoint.api_key_env or "")),
         "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
     }
     serve = recipe.serve if endpoint.served_model else None  # the job's own server, not a remote provider

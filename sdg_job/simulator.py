@@ -5,7 +5,8 @@ It behaves like a continuous-batching engine with `slots` concurrent sequences: 
 known exactly: slots / service_time requests per second. Answers are unique filler text, or, when the request
 carries `response_format: json_schema`, a minimal instance of that schema. Faults are injected at set rates:
 HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server). `serves` names the only models
-it serves: a request for another gets vLLM's 404. `startup_s` delays listening,
+it serves: a request for another gets vLLM's 404. `key_file` holds the one key it accepts, read on every request:
+rewrite the file to revoke or rotate the key mid-run (OpenAI's 401 for any other). `startup_s` delays listening,
 like an engine loading its weights. `record` appends each request body to a JSONL file (what a test checks the
 client sent). Like a reasoning model behind vLLM's reasoning parser, it thinks unless the request says
 `chat_template_kwargs: {enable_thinking: false}`, and returns the trace as `reasoning` (as vLLM 0.16 and later do),
@@ -24,6 +25,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -58,8 +60,8 @@ def schema_instance(schema: dict[str, Any], defs: dict[str, Any], rng: random.Ra
 class Simulator:
     def __init__(self, slots: int, seconds_per_token: float, prefill_s: float, faults: dict[str, float],
                  die_after: int | None, seed: int, record: str | None = None, cut_rate: float = 0.0,
-                 serves: list[str] | None = None):  # fmt: skip
-        self.serves = serves
+                 serves: list[str] | None = None, key_file: str | None = None):  # fmt: skip
+        self.serves, self.key_file = serves, key_file
         self.cut_rate = cut_rate  # text answers reported as cut at max_tokens (finish_reason: length)
         self.record = open(record, "a", buffering=1) if record else None  # noqa: SIM115 (lives as long as the server)
         self.slots = asyncio.Semaphore(slots)
@@ -79,12 +81,21 @@ class Simulator:
             self.stats["first_request_at"] = time.time()
         if self.die_after is not None and n > self.die_after:
             os._exit(17)  # a server that dies mid-run
+        key = Path(self.key_file).read_text().strip() if self.key_file else None
+        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+            self.stats["errors"]["401"] = self.stats["errors"].get("401", 0) + 1
+            error = {
+                "message": "Incorrect API key provided.",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+            }
+            return web.json_response({"error": error}, status=401)
         body = await request.json()
         if self.record:
             self.record.write(json.dumps(body) + "\n")
         if self.serves and body.get("model") not in self.serves:
-            message = f"The model `{body.get('model')}` does not exist."
-            return web.json_response({"object": "error", "message": message, "type": "NotFoundError", "code": 404},
+            said = f"The model `{body.get('model')}` does not exist."
+            return web.json_response({"object": "error", "message": said, "type": "NotFoundError", "code": 404},
                                      status=404)  # fmt: skip
         roll = self.rng.random()
         for status, rate in self.faults.items():
@@ -156,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--record", default=None, help="append each request body to this JSONL file")
     p.add_argument("--cut-rate", type=float, default=0.0, help="text answers reported cut at max_tokens (length)")
     p.add_argument("--serves", default=None, help="comma-separated model names; others get HTTP 404")
+    p.add_argument("--key-file", default=None, help="the one key accepted (read per request); others get HTTP 401")
     a = p.parse_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         await asyncio.sleep(a.startup_s)
         serves = a.serves.split(",") if a.serves else None
         sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record, a.cut_rate,
-                        serves)  # fmt: skip
+                        serves, a.key_file)  # fmt: skip
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()

@@ -104,6 +104,7 @@ class RunStore:
         self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
         self._tokens: dict[str, bytes] = {}  # their records' token counts (TOKEN_COUNT), where the shard counted them
         self.totals: Counter[str] = Counter()  # their summaries' counts summed (requested, valid, output_tokens)
+        self.dropped: Counter[str] = Counter()  # their dropped records summed by reason
         self._last_selection: tuple[Any, Any] = (None, None)  # (shards and limit, their selection)
 
     def open(self, recipe_hash: str, fresh: bool, source: str, keep: tuple[str, ...] = ()) -> None:
@@ -124,6 +125,7 @@ class RunStore:
             self._digests.clear()
             self._tokens.clear()
             self.totals.clear()
+            self.dropped.clear()
             self._last_selection = (None, None)
         if fresh and self.run_dir.exists():
             for path in self.run_dir.iterdir():
@@ -208,6 +210,7 @@ class RunStore:
             self._tokens[shard_id] = tokens.read_bytes()
         self.summaries[shard_id] = summary
         self.totals.update({key: summary.get(key, 0) for key in TOTALS})
+        self.dropped.update(summary.get("dropped", {}))
 
     def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
         """Which records of these committed shards, read in this order, make the output: the first copy of each,

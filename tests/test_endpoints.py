@@ -7,6 +7,7 @@ any other key. The model a provider does not serve needs a server that checks mo
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sdg_job.config import load_recipe
 from sdg_job.endpoints import preflight
 from sdg_job.errors import RecipeError
 from sdg_job.serve import Server, free_port, simulator_spec
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_jsonl, run_cli, start_cli, wait_for
 
 KEY = "sk-SENTINEL-endpoint-key-0123456789"
 WRONG = "sk-SENTINEL-wrong-key-9876543210"
@@ -105,3 +106,41 @@ def test_the_right_key_passes(keyed, monkeypatch, caplog) -> None:
     with caplog.at_level("INFO", logger="sdg_job.endpoints"):
         preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={keyed}"]), "tiny")
     assert f"preflight: {keyed} answers for" in caplog.text
+
+
+def test_a_key_revoked_mid_run_stops_the_job_within_a_minute_and_the_rerun_completes(out_dir, tmp_path) -> None:
+    """The SIMULATED server (--key-file, read on every request) stands in for a provider that revokes the key once
+    the first shard is committed: the job stops with the cause, keeps its shards, and the same command resumes to
+    exactly N once the key is good again."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    args = ("run", "recipe=tiny", "provider=openai", "num_records=40", "generation.shard_size=5")
+    with Server(simulator_spec(seconds_per_token=0.004, extra_args=["--key-file", str(key_file)]),
+                tmp_path / "sim.log") as sim:  # fmt: skip
+        env = {"OPENAI_BASE_URL": sim.endpoint, "OPENAI_API_KEY": KEY}
+        job = start_cli(*args, out_dir=out_dir, env=env)
+        wait_for(lambda: list((out_dir / ".tiny.run" / "shards").glob("shard-*.json")), 120, "the first shard")
+        key_file.write_text("sk-rotated")
+        revoked = time.monotonic()
+        _, stderr = job.communicate(timeout=300)
+        assert job.returncode == 1, stderr[-3000:]
+        stopped_after = time.monotonic() - revoked
+        assert stopped_after < 60
+        (line,) = [line for line in stderr.splitlines() if line.startswith("failed:")]
+        print(f"stopped {stopped_after:.1f} s after the key was revoked: {line}")
+        assert "failed with auth" in line and "Incorrect API key provided" in line, line
+        assert "check the key in $OPENAI_API_KEY" in line and KEY not in stderr, line
+        manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
+        assert manifest["status"] == "endpoint_failed" and manifest["error"] == line.removeprefix("failed: ")
+        assert manifest["dropped"].get("auth", 0) >= 1 and manifest["request_errors"]["auth"] >= 1, manifest
+        assert "generation_failed" not in manifest["dropped"], manifest["dropped"]
+        kept = len(manifest["shards"])
+
+        key_file.write_text(KEY)
+        result = run_cli(*args, out_dir=out_dir, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out_dir / "tiny.jsonl")
+    assert len(records) == 40 and len({json.dumps(r, sort_keys=True) for r in records}) == 40
+    manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["shards_skipped_on_resume"] >= kept >= 1
+    assert manifest["error"] is None

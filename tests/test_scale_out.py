@@ -189,8 +189,8 @@ def test_http_errors_are_counted_and_topped_up(out_dir: Path, tmp_path: Path) ->
         manifest = assert_exactly_n_unique(out_dir, 40)
         stats = httpx.get(sim.url + "/stats").json()
         assert stats["errors"].get("400", 0) >= 1 and stats["errors"].get("500", 0) >= 1
-        # 400s are not retryable: those rows are dropped, counted, and replaced by top-up shards
-        assert manifest["dropped"]["generation_failed"] >= 1
+        # 400s are not retryable: those rows are dropped, counted by cause, and replaced by top-up shards
+        assert manifest["dropped"]["bad_request"] >= 1 and manifest["request_errors"]["bad_request"] >= 1
         # every attempted row is valid or dropped by reason; a top-up may make a few more valid rows than needed
         assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 40
 
