@@ -278,6 +278,42 @@ def plain_data_designer(url: str, records: int, max_tokens: int, work: Path) -> 
     return server_rate(httpx.get(url + "/stats").json())
 
 
+def remote_quota(per_s: float, records: int, variants: list[bool], rows: list[Row], tmp: Path) -> float:
+    """A provider with a request quota (the simulator's sliding window, 429 + Retry-After beyond it): sustained
+    requests/s at the server ÷ the quota, for Data Designer at its defaults and for sdg-job with the quota given as
+    providers.openai.max_requests_per_minute (paced) and, if asked, without it (Data Designer's backoff on 429s).
+    Returns the paced ratio."""
+    window = 5.0
+    args = ["--quota", str(round(per_s * window)), "--quota-window-s", str(window)]
+    setting = f"quota {per_s:.0f} req/s"
+
+    def quota_server(name: str) -> Server:
+        return Server(simulator_spec(64, 0.001, extra_args=args), tmp / f"quota-{name}.log")
+
+    with quota_server("dd") as sim:
+        plain = plain_data_designer(sim.url, records, 32, tmp / "quota-dd")
+        refused = httpx.get(sim.url + "/stats").json()["errors"].get("429", 0)
+    rows.append(Row("remote quota", f"plain Data Designer defaults, {setting}", plain, "req/s", plain / per_s,
+                    f"{refused} × 429"))  # fmt: skip
+    ratio = 0.0
+    for paced in variants:
+        with quota_server(f"job-{paced}") as sim:
+            job = ["recipe=default", "provider=openai", "models.text.inference_parameters.max_tokens=32",
+                   f"num_records={records}", "generation.shard_size=20",
+                   # Its 1-token probe, seconds before Ray is up, would open the window the rate is taken over.
+                   "providers.openai.preflight=false"]  # fmt: skip
+            if paced:
+                job.append(f"providers.openai.max_requests_per_minute={per_s * 60:g}")
+            manifest, _ = run_job(job, tmp / f"quota-job-{paced}", {"OPENAI_BASE_URL": sim.endpoint})
+            stats = httpx.get(sim.url + "/stats").json()
+        rate = server_rate(stats)
+        how = "max_requests_per_minute set" if paced else "no quota given"
+        note = f"{stats['errors'].get('429', 0)} × 429, dropped {manifest['dropped'] or 'none'}"
+        rows.append(Row("remote quota", f"sdg-job, {setting}, {how}", rate, "req/s", rate / per_s, note))
+        ratio = rate / per_s if paced else ratio
+    return ratio
+
+
 def engine_cost(records: int, in_flight: int, rows: list[Row], tmp: Path) -> float:
     """Data Designer alone, as released and with sdg_job.dd_hotpath: CPU per record of one generate() after a
     warm-up (imports and clients excluded), each in a fresh process. Returns fixed ÷ as released."""
@@ -409,7 +445,7 @@ def driver_memory(sizes: list[int], rows: list[Row], tmp: Path) -> dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdg_job.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size, as CI runs it")
-    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,real,vllm,scaleout,memory")
+    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,quota,real,vllm,scaleout,memory")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     rows: list[Row] = []
@@ -442,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             console.log("Data Designer alone, as released and with the hot-path fixes …")
             for in_flight in [64] if a.quick else [64, 256]:
                 summary["engine fixed/released"] = engine_cost(100 if a.quick else 1000, in_flight, rows, tmp)
+        if "quota" not in skip:
+            console.log("remote provider with a request quota …")
+            variants = [True] if a.quick else [True, False]
+            summary["remote quota"] = remote_quota(10.0, 40 if a.quick else 400, variants, rows, tmp)
         if "real" not in skip:
             console.log("real server (llama.cpp) …")
             summary["real server"] = real_server("llama_cpp", 8 if a.quick else 40, 1 if a.quick else 3, rows, tmp)

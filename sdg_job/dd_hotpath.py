@@ -26,6 +26,9 @@ Beside them, one observation the job needs and Data Designer 0.9.7 does not keep
 And a second: why requests failed. Data Designer drops a row whose request failed and says only that rows failed;
 `request_errors` counts each failed request by cause (Data Designer's own classification of the provider's answer:
 auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said`.
+The same wrapper paces requests to a provider with a quota (`pace`, the worker's share of
+`providers.<name>.max_requests_per_minute`); Data Designer's adaptive concurrency and its handling of Retry-After
+act only after a 429.
 
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
 skipped with a warning, so an upgrade never runs patched code nobody checked against it.
@@ -33,8 +36,10 @@ skipped with a warning, so an upgrade never runs patched code nobody checked aga
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from importlib.metadata import version
 from typing import Any
@@ -47,6 +52,7 @@ tokenizer_error: str | None = None  # why cl100k_base could not be loaded in thi
 cut_answers: set[str] = set()  # stripped texts of answers cut at max_tokens in this process (generate clears it)
 request_errors: Counter[str] = Counter()  # failed requests in this process by cause (generate clears it)
 request_error_said: dict[str, str] = {}  # the provider's message, one per cause
+pace: Any = None  # the job's endpoints.Pace actor while this process generates for a provider with a quota
 
 
 def apply() -> bool:
@@ -62,7 +68,7 @@ def apply() -> bool:
             _smaller_connection_pools()
             _one_tokenizer_download_attempt()
             _note_cut_answers()
-            _note_request_errors()
+            _note_request_errors_and_pace()
         else:
             log.warning("Data Designer %s: hot-path fixes skipped (tested on %s)", found, TESTED_VERSION)
     return _applied
@@ -163,7 +169,8 @@ def _note_cut_answers() -> None:
     ModelFacade.acompletion = acompletion_noting_cuts  # type: ignore[method-assign]
 
 
-def _note_request_errors() -> None:
+def _note_request_errors_and_pace() -> None:
+    import ray
     from data_designer.engine.models.clients.errors import ProviderError
     from data_designer.engine.models.facade import ModelFacade
 
@@ -177,6 +184,8 @@ def _note_request_errors() -> None:
     completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
 
     def completion_noting_errors(self, *args, **kwargs):
+        if pace is not None and (wait := ray.get(pace.reserve.remote())) > 0:
+            time.sleep(wait)
         try:
             return completion(self, *args, **kwargs)
         except ProviderError as e:
@@ -184,6 +193,8 @@ def _note_request_errors() -> None:
             raise
 
     async def acompletion_noting_errors(self, *args, **kwargs):
+        if pace is not None and (wait := await pace.reserve.remote()) > 0:
+            await asyncio.sleep(wait)
         try:
             return await acompletion(self, *args, **kwargs)
         except ProviderError as e:

@@ -36,13 +36,39 @@ class Endpoint:
     # Whether the server takes `chat_template_kwargs` (vLLM, llama.cpp, NVIDIA's API do; a strict OpenAI-compatible
     # service may refuse an unknown field with HTTP 400, which would lose every row).
     takes_template_kwargs: bool = True
+    pace: Any = None  # a Pace actor every worker asks before each request, when the provider has a quota
 
 
-def remote_endpoint(recipe: Recipe, parallel: int) -> Endpoint:
+class Pace:
+    """Spaces requests `1 / per_s` apart. One per job, as a Ray actor (`shared_pace`): every worker on every node
+    asks it for a turn before each request, so the provider's quota is shared by the workers that are busy, not
+    split evenly among all that might be."""
+
+    def __init__(self, per_s: float):
+        self.interval, self.next_at = 1.0 / per_s, 0.0
+
+    def reserve(self) -> float:
+        """Takes the next free turn; returns how long to wait for it (a clock of this process: only the wait
+        crosses to the worker)."""
+        now = time.monotonic()
+        at = max(now, self.next_at)
+        self.next_at = at + self.interval
+        return at - now
+
+
+def shared_pace(recipe: Recipe) -> Any:
+    """The job's Pace actor for its remote provider's `max_requests_per_minute`, or None without a quota."""
+    import ray
+
+    quota = recipe.providers[recipe.provider].max_requests_per_minute
+    return ray.remote(num_cpus=0)(Pace).remote(quota / 60) if quota else None
+
+
+def remote_endpoint(recipe: Recipe, parallel: int, pace: Any = None) -> Endpoint:
     provider = recipe.providers[recipe.provider]
     key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
     hosted_by_nvidia = recipe.provider == "nvidia" or "api.nvidia.com" in provider.endpoint
-    return Endpoint(provider.endpoint, key_env, None, parallel, takes_template_kwargs=hosted_by_nvidia)
+    return Endpoint(provider.endpoint, key_env, None, parallel, hosted_by_nvidia, pace)
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:

@@ -236,6 +236,7 @@ def generate(
     dd_hotpath.cut_answers.clear()
     dd_hotpath.request_errors.clear()
     dd_hotpath.request_error_said.clear()
+    dd_hotpath.pace = endpoint.pace
     counter = _TokenCounter()
     unsubscribe = subscribe_token_usage(counter)
     try:

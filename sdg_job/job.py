@@ -34,6 +34,7 @@ from sdg_job.endpoints import (
     failing_message,
     preflight,
     remote_endpoint,
+    shared_pace,
 )
 from sdg_job.errors import Interrupted, JobError, RecipeError
 from sdg_job.lease import LEASE_FILE, Lease
@@ -438,7 +439,8 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
             if recipe.provider == "local":
                 nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel)
             else:
-                nodes = [cluster.Node(remote_endpoint(recipe, parallel), workers * max(1, cluster.node_slots()))]
+                endpoint = remote_endpoint(recipe, parallel, shared_pace(recipe))
+                nodes = [cluster.Node(endpoint, workers * max(1, cluster.node_slots()))]
             timings["servers_ready"] = time.monotonic() - t0
             timings["driver_cpu_startup"] = time.process_time() - cpu0
             with JobProgress(recipe.num_records) as progress:

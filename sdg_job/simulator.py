@@ -3,14 +3,20 @@
 It behaves like a continuous-batching engine with `slots` concurrent sequences: a request holds a slot for
 `max_tokens × seconds_per_token` (+ a fixed prefill cost) and queues when all slots are busy, so its capacity is
 known exactly: slots / service_time requests per second. Answers are unique filler text, or, when the request
-carries `response_format: json_schema`, a minimal instance of that schema. Faults are injected at set rates:
-HTTP 500, 429, 400, and `die_after` requests the process exits (a dying server). `serves` names the only models
-it serves: a request for another gets vLLM's 404. `key_file` holds the one key it accepts, read on every request:
-rewrite the file to revoke or rotate the key mid-run (OpenAI's 401 for any other). `startup_s` delays listening,
-like an engine loading its weights. `record` appends each request body to a JSONL file (what a test checks the
-client sent). Like a reasoning model behind vLLM's reasoning parser, it thinks unless the request says
-`chat_template_kwargs: {enable_thinking: false}`, and returns the trace as `reasoning` (as vLLM 0.16 and later do),
-apart from the answer. `cut_rate` reports that share of text answers as cut at max_tokens (finish_reason: length).
+carries `response_format: json_schema`, a minimal instance of that schema. Like a reasoning model behind vLLM's
+reasoning parser, it thinks unless the request says `chat_template_kwargs: {enable_thinking: false}`, and returns
+the trace as `reasoning` (as vLLM 0.16 and later do), apart from the answer.
+
+Faults and limits, as a test or a benchmark sets them:
+- HTTP 500, 429 and 400 at set rates; after `die_after` requests the process exits (a dying server);
+- `startup_s` delays listening, like an engine loading its weights;
+- `cut_rate` reports that share of text answers as cut at max_tokens (finish_reason: length);
+- `serves` names the only models it serves: a request for another gets vLLM's 404;
+- `key_file` holds the one key it accepts, read on every request: rewrite the file to revoke or rotate the key
+  mid-run (OpenAI's 401 for any other);
+- `quota` requests per `quota_window_s`, a provider's rate limit: beyond it, 429 with the Retry-After that frees
+  a request.
+`record` appends each request body to a JSONL file (what a test checks the client sent).
 
     python -m sdg_job.simulator --port 8000 --slots 64 --seconds-per-token 0.001 --fail-500 0.05
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -60,8 +67,11 @@ def schema_instance(schema: dict[str, Any], defs: dict[str, Any], rng: random.Ra
 class Simulator:
     def __init__(self, slots: int, seconds_per_token: float, prefill_s: float, faults: dict[str, float],
                  die_after: int | None, seed: int, record: str | None = None, cut_rate: float = 0.0,
-                 serves: list[str] | None = None, key_file: str | None = None):  # fmt: skip
+                 serves: list[str] | None = None, key_file: str | None = None, quota: int | None = None,
+                 quota_window_s: float = 60.0):  # fmt: skip
         self.serves, self.key_file = serves, key_file
+        self.quota, self.quota_window_s = quota, quota_window_s
+        self.admitted: collections.deque[float] = collections.deque()  # when each request in the window came in
         self.cut_rate = cut_rate  # text answers reported as cut at max_tokens (finish_reason: length)
         self.record = open(record, "a", buffering=1) if record else None  # noqa: SIM115 (lives as long as the server)
         self.slots = asyncio.Semaphore(slots)
@@ -97,6 +107,20 @@ class Simulator:
             said = f"The model `{body.get('model')}` does not exist."
             return web.json_response({"object": "error", "message": said, "type": "NotFoundError", "code": 404},
                                      status=404)  # fmt: skip
+        if self.quota is not None:
+            now = time.monotonic()
+            while self.admitted and self.admitted[0] <= now - self.quota_window_s:
+                self.admitted.popleft()
+            if len(self.admitted) >= self.quota:
+                self.stats["errors"]["429"] = self.stats["errors"].get("429", 0) + 1
+                wait = self.admitted[0] + self.quota_window_s - now
+                error = {
+                    "message": "Rate limit reached for requests",
+                    "type": "requests",
+                    "code": "rate_limit_exceeded",
+                }
+                return web.json_response({"error": error}, status=429, headers={"Retry-After": f"{wait:.3f}"})
+            self.admitted.append(now)
         roll = self.rng.random()
         for status, rate in self.faults.items():
             if roll < rate:
@@ -168,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cut-rate", type=float, default=0.0, help="text answers reported cut at max_tokens (length)")
     p.add_argument("--serves", default=None, help="comma-separated model names; others get HTTP 404")
     p.add_argument("--key-file", default=None, help="the one key accepted (read per request); others get HTTP 401")
+    p.add_argument("--quota", type=int, default=None, help="requests per --quota-window-s; beyond it HTTP 429")
+    p.add_argument("--quota-window-s", type=float, default=60.0)
     a = p.parse_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         await asyncio.sleep(a.startup_s)
         serves = a.serves.split(",") if a.serves else None
         sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record, a.cut_rate,
-                        serves, a.key_file)  # fmt: skip
+                        serves, a.key_file, a.quota, a.quota_window_s)  # fmt: skip
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()

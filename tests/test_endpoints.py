@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sdg_job.config import load_recipe
@@ -144,3 +145,20 @@ def test_a_key_revoked_mid_run_stops_the_job_within_a_minute_and_the_rerun_compl
     manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["shards_skipped_on_resume"] >= kept >= 1
     assert manifest["error"] is None
+
+
+def test_a_request_quota_costs_time_never_records(out_dir: Path, tmp_path: Path) -> None:
+    """The SIMULATED server with a quota (5 requests/s, 429 + Retry-After beyond it), and no quota told to the job:
+    Data Designer's backoff on 429s paces it; exactly N, nothing dropped. (`python -m sdg_job.bench` measures the
+    rate with and without providers.<name>.max_requests_per_minute.)"""
+    quota = ["--quota", "10", "--quota-window-s", "2"]
+    with Server(simulator_spec(seconds_per_token=0.001, extra_args=quota), tmp_path / "sim.log") as sim:
+        result = run_cli("run", "recipe=tiny", "provider=openai", "num_records=20", "generation.shard_size=5",
+                         out_dir=out_dir, env={"OPENAI_BASE_URL": sim.endpoint})  # fmt: skip
+        refused = httpx.get(sim.url + "/stats").json()["errors"].get("429", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out_dir / "tiny.jsonl")
+    assert len(records) == 20 and len({json.dumps(r, sort_keys=True) for r in records}) == 20
+    manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
+    assert manifest["dropped"] == {} and manifest["status"] == "complete"
+    assert refused >= 1 and manifest["request_errors"].get("rate_limited", 0) == refused  # the quota did bite

@@ -61,6 +61,12 @@ class ModelSpec(Strict):
 class ProviderSpec(Strict):
     endpoint: str
     api_key_env: str | None = Field(default=None, description="NAME of the env var holding the key, never the key")
+    max_requests_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        description="the provider's request quota: the job's workers share it and pace their requests to stay under "
+        "it (without it, a 429's Retry-After and Data Designer's adaptive concurrency are what pace them)",
+    )
     preflight: bool = Field(
         default=True,
         description="probe each model with a 1-token chat completion before the job starts: a wrong key, an unserved "
