@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from sdg_job.config import check_recipe, load_recipe, recipe_dict, resolve_recipe_path
+from sdg_job.config import check_output_path, check_recipe, load_recipe, recipe_dict, resolve_recipe_path
 from sdg_job.errors import Interrupted, JobError, RecipeError
 from sdg_job.generate import offline_environment
 
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         preview_home = Path(tempfile.gettempdir()) / "sdg-job-preview"
         offline_environment(preview_home if getattr(ns, "preview", False) else recipe.run_dir / "dd_home")
         check_recipe(recipe, source)
-        if ns.command == "validate":
+        if ns.command == "validate":  # run's checks this machine can answer (the nodes' GPUs it cannot)
+            check_output_path(recipe, source, create=False)
             print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True), end="")
             print(f"# ok: {source}", file=sys.stderr)
             return 0

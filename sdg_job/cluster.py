@@ -79,7 +79,8 @@ def check_gpus(spec: ServeSpec) -> None:
                 "tensor_parallel_size × data_parallel_size",
                 f"{spec.tensor_parallel_size} × {spec.data_parallel_size} = {needed} GPUs per server, but node "
                 f"{node.get('NodeManagerHostname')} ({node['NodeID'][:8]}) offers {resources.get('GPU', 0):g}; Ray "
-                f"resources seen there: {dict(sorted(resources.items()))}",
+                f"resources seen there: {dict(sorted(resources.items()))}. To try the recipe on this machine's CPU "
+                "with the embedded model, add layer=cpu",
             )
 
 

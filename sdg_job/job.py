@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
-from sdg_job.config import Recipe, recipe_dict, recipe_hash
+from sdg_job.config import Recipe, check_output_path, recipe_dict, recipe_hash
 from sdg_job.endpoints import (
     REQUEST_CAUSES,
     Endpoint,
@@ -62,21 +62,6 @@ def check_environment(recipe: Recipe) -> None:
         key_env = recipe.providers["nvidia"].api_key_env
         if key_env and not os.environ.get(key_env):
             raise RecipeError("environment", key_env, f"is not set; provider nvidia needs an API key in ${key_env}")
-
-
-def check_output_path(recipe: Recipe, source: str) -> None:
-    """The output's directory (and the run dir beside the output file) can be made and written to: a bad output
-    path is bad input, refused before the lease, Ray or a server. Makes the (empty) run dir; writes no file."""
-    out = recipe.output_path
-    key = "output_dir" if out.parent.is_relative_to(recipe.output_dir) else "output_path"
-    if out.is_dir():
-        raise RecipeError(source, "output_path", f"{out} is a directory; name the output file")
-    try:
-        recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=recipe.run_dir):  # unnamed, gone on close: a read-only dir fails here
-            pass
-    except OSError as e:
-        raise RecipeError(source, key, f"cannot create {e.filename or recipe.run_dir}: {e.strerror or e}") from None
 
 
 def versions() -> dict[str, str]:

@@ -129,3 +129,13 @@ def test_validate_prints_resolved_recipe_with_secrets_masked(out_dir: Path) -> N
     assert "sk-live" not in result.stdout
     assert f"output_path: {out_dir}/customer_support_tools.jsonl" in result.stdout
     assert all_files(out_dir) == []
+
+
+def test_validate_checks_the_output_path_and_leaves_nothing(tmp_path: Path, out_dir: Path) -> None:
+    """A new output dir is tried for real (made, written, removed again); a path under a regular file is refused."""
+    fresh = tmp_path / "new" / "deeper"
+    result = run_cli("validate", "recipe=tiny", f"output_dir={fresh}", out_dir=out_dir)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "new").exists()
+    result = run_cli("validate", "recipe=tiny", "output_path=/etc/passwd/x.jsonl", out_dir=out_dir)
+    assert result.returncode == 2 and "output_path: cannot create /etc/passwd" in result.stderr, result.stderr

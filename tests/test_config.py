@@ -121,3 +121,14 @@ def test_secret_values_are_refused_and_masked(monkeypatch) -> None:
     assert e.value.key == "description" and "NVIDIA_API_KEY" in str(e.value)
     assert "nvapi-sentinel" not in str(e.value)
     assert mask_secrets({"a": ["x nvapi-sentinel-0123456789 y"]}) == {"a": ["x *** y"]}
+
+
+def test_a_layer_on_the_command_line_serves_any_recipe_on_the_cpu() -> None:
+    """`layer=cpu` is `defaults: [recipe, layers/cpu]` without a file of one's own; overrides still come last."""
+    for ref in ("rl_pref", "customer_support_tools", str(REPO / "tests" / "step_shape" / "sft.yaml")):
+        recipe = load_recipe(ref, ["layer=cpu"])
+        assert recipe.serve is not None and recipe.serve.engine == "llama_cpp" and recipe.serve.gpus == 0, ref
+    assert load_recipe("rl_pref", ["layer=cpu", "serve.parallel=2"]).serve.parallel == 2
+    assert load_recipe("rl_pref", ["serve.parallel=2", "layer=cpu"]).serve.parallel == 2  # overrides after layers
+    with pytest.raises(RecipeError, match=r"layer: no layer 'gpu' \(the shipped ones: cpu, fp8, vllm_cpu\)"):
+        load_recipe("rl_pref", ["layer=gpu"])

@@ -22,7 +22,7 @@ SENTINEL = "nvapi-SENTINEL-must-never-be-written-0001"
 def cpu_recipe(tmp_path: Path, base: str, extra: str = "") -> str:
     """A recipe of the user's own: a shipped recipe served on the embedded CPU model."""
     path = tmp_path / f"{base}_cpu.yaml"
-    path.write_text(f"defaults: [{base}, layers/cpu]\nserve: {{ctx_size: 8192}}\n{extra}")
+    path.write_text(f"defaults: [{base}, layers/cpu]\n{extra}")
     return str(path)
 
 
@@ -152,15 +152,11 @@ def test_preview_prints_records_and_writes_nothing(out_dir: Path) -> None:
     assert all_files(out_dir) == []
 
 
-def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: Path) -> None:
-    recipe = cpu_recipe(
-        tmp_path,
-        "rl_pref",
-        "num_records: 4\ngeneration: {keep_truncated: true}\n"
-        "models:\n  precise: {inference_parameters: {max_tokens: 96}}\n"
-        "  creative: {inference_parameters: {max_tokens: 96}}\n  judge: {inference_parameters: {max_tokens: 96}}\n",
-    )
-    result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
+def test_rl_pref_gives_exact_count_of_preference_pairs(out_dir: Path) -> None:
+    """The README's one-liner for any recipe on the CPU: `recipe=rl_pref layer=cpu` (short answers, to be quick)."""
+    short = [f"models.{alias}.inference_parameters.max_tokens=96" for alias in ("precise", "creative", "judge")]
+    result = run_cli("run", "recipe=rl_pref", "layer=cpu", "num_records=4", "generation.keep_truncated=true", *short,
+                     out_dir=out_dir)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_jsonl(out_dir / "rl_pref.jsonl")
     assert len(records) == 4
@@ -174,15 +170,10 @@ def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: 
     assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 4  # a top-up may make a few more than needed
 
 
-def test_customer_support_tools_gives_exact_count_of_valid_tool_conversations(tmp_path: Path, out_dir: Path) -> None:
-    recipe = cpu_recipe(
-        tmp_path,
-        "customer_support_tools",
-        "num_records: 3\ngeneration: {budget: 10, keep_truncated: true}\n"
-        "models:\n  text: {inference_parameters: {max_tokens: 128}}\n"
-        "  structured: {inference_parameters: {max_tokens: 128}}\n",
-    )
-    result = run_cli("run", f"recipe={recipe}", out_dir=out_dir)
+def test_customer_support_tools_gives_exact_count_of_valid_tool_conversations(out_dir: Path) -> None:
+    short = [f"models.{alias}.inference_parameters.max_tokens=128" for alias in ("text", "structured")]
+    result = run_cli("run", "recipe=customer_support_tools", "layer=cpu", "num_records=3", "generation.budget=10",
+                     "generation.keep_truncated=true", *short, out_dir=out_dir)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_jsonl(out_dir / "customer_support_tools.jsonl")
     assert len(records) == 3

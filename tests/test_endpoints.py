@@ -59,15 +59,6 @@ def test_an_unset_key_variable_is_named(keyed, out_dir: Path) -> None:
     assert "HTTP 401" in line and "$OPENAI_API_KEY is not set" in line, line
 
 
-def test_provider_nvidia_without_its_key_is_refused_before_any_request(out_dir: Path) -> None:
-    port = free_port()  # nothing listens: any request would be a connection error, not this message
-    env = {"NVIDIA_API_KEY": ""}
-    result = run_cli("run", "recipe=tiny", "provider=nvidia", f"providers.nvidia.endpoint=http://127.0.0.1:{port}/v1",
-                     out_dir=out_dir, env=env, timeout=120)  # fmt: skip
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "NVIDIA_API_KEY: is not set" in result.stderr, result.stderr[-2000:]
-
-
 def test_a_closed_port_is_refused_at_once_with_the_cause(out_dir: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     line = refused_at_once(out_dir, {"OPENAI_BASE_URL": url, "OPENAI_API_KEY": KEY})

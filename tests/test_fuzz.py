@@ -380,11 +380,12 @@ def test_cli_seed_file_with_byte_order_mark_is_accepted(tmp_path: Path, out_dir:
         ("output_path={tmp}", "output_path", "is a directory"),
     ],
 )
+@pytest.mark.parametrize("command", ["run", "validate"])  # validate refuses what run would
 def test_cli_output_path_that_cannot_be_created_exits_2(
-    override: str, key: str, says: str, tmp_path: Path, out_dir: Path
+    command: str, override: str, key: str, says: str, tmp_path: Path, out_dir: Path
 ) -> None:
     (tmp_path / "a_file").write_text("a regular file\n")
-    result = run_cli("run", "recipe=tiny", override.replace("{tmp}", str(tmp_path)), out_dir=out_dir, timeout=120)
+    result = run_cli(command, "recipe=tiny", override.replace("{tmp}", str(tmp_path)), out_dir=out_dir, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"tiny.yaml: {key}: " in result.stderr and says in result.stderr, result.stderr

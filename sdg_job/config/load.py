@@ -161,11 +161,31 @@ def apply_overrides(cfg, overrides, source: str) -> None:
             raise RecipeError(source, key, "cannot apply override: the value refers to itself (a YAML alias)") from None
 
 
+def layer_path(name: str) -> Path:
+    """`layer=cpu` is recipes/layers/cpu.yaml; a name with a `/` or ending in .yaml is a file of the user's."""
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        path = _full_path(name, "command line", "layer")
+    else:
+        path = RECIPES_DIR / "layers" / f"{name}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in (RECIPES_DIR / "layers").glob("*.yaml")))
+        raise RecipeError("command line", "layer", f"no layer {name!r} (the shipped ones: {shipped})")
+    return path
+
+
 def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Recipe:  # type: ignore[assignment]
-    """The one entry point: file + overrides → validated, cross-checked Recipe."""
+    """The one entry point: file + layers + overrides → validated, cross-checked Recipe. `layer=NAME` among the
+    overrides merges a layer over the recipe, as `defaults: [recipe, layers/NAME]` in a file of one's own would
+    (`recipe=rl_pref layer=cpu`: rl_pref on the embedded CPU model); the other overrides apply after it."""
     path = resolve_recipe_path(ref)
     source = str(path)
     cfg = _load_yaml(path)
+    for layer in [o.split("=", 1)[1] for o in overrides if o.startswith("layer=")]:
+        over = layer_path(layer)
+        layered = _load_yaml(over)
+        _drop_retyped(cfg, layered)
+        cfg = _merge(cfg, layered, over)
+    overrides = [o for o in overrides if not o.startswith("layer=")]
     apply_overrides(cfg, overrides, source)
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
