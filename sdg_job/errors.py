@@ -16,6 +16,16 @@ class RecipeError(Exception):
         super().__init__(f"{where}: {message}")
 
 
+def all_problems(source: str, problems: list[tuple[str, str, str]]) -> RecipeError:
+    """One error for every (source, key, message) found, whatever stage found it: one problem reads as ever
+    (`file: key: message`); several are listed, one per line, naming their file where it is not `source`."""
+    if len(problems) == 1:
+        return RecipeError(*problems[0])
+    lines = [f"  {key + ': ' if key else ''}{message}" + ("" if where == source else f" (in {where})")
+             for where, key, message in problems]  # fmt: skip
+    return RecipeError(source, "", f"{len(problems)} problems:\n" + "\n".join(lines))
+
+
 class JobError(Exception):
     """Runtime failure (server died, budget exhausted, ...). Exit 1; finished shards are kept for resume."""
 

@@ -139,3 +139,47 @@ def test_validate_checks_the_output_path_and_leaves_nothing(tmp_path: Path, out_
     assert not (tmp_path / "new").exists()
     result = run_cli("validate", "recipe=tiny", "output_path=/etc/passwd/x.jsonl", out_dir=out_dir)
     assert result.returncode == 2 and "output_path: cannot create /etc/passwd" in result.stderr, result.stderr
+
+
+STEP_SHAPE_WITH_PROBLEMS_AT_EVERY_STAGE = """\
+output_dir: ${oc.env:SDG_OUTPUT_DIR}
+output_path: ${output_dir}/broken.jsonl
+seed_dataset: {path: {seeds}, fields: [domain, topic]}
+num_records: -5
+providers:
+  - {name: p, endpoint: "http://127.0.0.1:9/v1", provider_type: anthropic}
+models:
+  - {alias: text, model: m, provider: local-vllm, inference_parameters: {temperature: hot}}
+columns:
+  - {type: category, values: [a, b]}
+  - {name: persona, type: category, values: [a, b], colour: blue}
+  - {name: question, type: llm_text, model_alias: text, prompt: "A question about {{ subject }}"}
+  - {name: answer, type: llm_text, model_alias: writer, prompt: "{{ question }}"}
+output_projection:
+  type: openai_messages
+  user_field: question
+  assistant_field: reply
+"""
+
+
+def test_every_problem_of_a_config_is_listed_in_one_run(tmp_path: Path, out_dir: Path) -> None:
+    """Problems of the step's shape, of the schema and of the cross-checks, all in one message, each with its key."""
+    config = tmp_path / "broken.yaml"
+    config.write_text(
+        STEP_SHAPE_WITH_PROBLEMS_AT_EVERY_STAGE.replace("{seeds}", str(REPO / "seeds" / "sft_topics.jsonl"))
+    )
+    for command in ("validate", "run"):
+        result = run_cli(command, f"recipe={config}", out_dir=out_dir, timeout=120)
+        assert result.returncode == 2, result.stderr
+        said = result.stderr
+        assert "Traceback" not in said and f"error: {config}: " in said, said
+        for key in ("columns.0: must be a mapping with a 'name'",  # the step's shape
+                    "providers.0.provider_type: 'anthropic'",
+                    "num_records: Input should be greater than or equal to 1",  # the schema
+                    "models.text.inference_parameters.temperature",
+                    "columns.persona.params.colour: Extra inputs are not permitted",
+                    "columns.question.prompt: refers to ['subject']",  # the cross-checks
+                    "columns.answer.model_alias: unknown model alias 'writer'",
+                    "output_projection.messages.1.column: 'reply' is not a column"):  # fmt: skip
+            assert key in said, f"{key!r} missing from:\n{said}"
+        assert all_files(out_dir) == []

@@ -22,7 +22,7 @@ from sdg_job.config.schema import (
     SamplerColumn,
     StructuredMessagesProjection,
 )
-from sdg_job.errors import RecipeError
+from sdg_job.errors import RecipeError, all_problems
 from sdg_job.seeds import read_seed_rows, seed_fields
 
 _JINJA = jinja2.Environment()
@@ -36,58 +36,82 @@ def template_names(template: str, source: str, key: str) -> set[str]:
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
-    """Everything that can be checked before a server starts or a record is generated."""
+    """Everything that can be checked before a server starts or a record is generated; every problem at once."""
+    if problems := recipe_problems(recipe, source):
+        raise all_problems(source, problems)
+
+
+def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
+    """The cross-checks' problems as (source, key, message). `broken`: names of columns and models the schema
+    refused (left out of `recipe`), which references to are not reported again."""
+    found: list[tuple[str, str, str]] = []
+
+    def report(key: str, message: str, where: str = source) -> None:
+        found.append((where, key, message))
+
     if recipe.provider == "local":
         if recipe.serve is None:
-            raise RecipeError(source, "serve", "provider: local needs a serve section (or use provider=openai|nvidia)")
+            report("serve", "provider: local needs a serve section (or use provider=openai|nvidia)")
     elif recipe.provider not in recipe.providers:
-        raise RecipeError(source, "provider", f"no providers.{recipe.provider} entry (endpoint, api_key_env)")
+        report("provider", f"no providers.{recipe.provider} entry (endpoint, api_key_env)")
 
     fields: list[str] = []
+    seed_known = True  # whether the seed's fields are known (else references cannot be checked)
     if recipe.seed_dataset is not None:
-        rows = read_seed_rows(recipe.seed_dataset.path)
-        fields = seed_fields(rows, recipe.seed_dataset.fields)
-    available = set(fields)
+        try:
+            fields = seed_fields(read_seed_rows(recipe.seed_dataset.path), recipe.seed_dataset.fields)
+        except RecipeError as e:
+            report(e.key, e.message, e.source)
+            fields, seed_known = list(recipe.seed_dataset.fields or []), bool(recipe.seed_dataset.fields)
+    available = set(fields) | broken
     for name, col in recipe.columns.items():
         key = f"columns.{name}"
-        if name in available:
-            raise RecipeError(source, key, "name clashes with a seed field or an earlier column")
+        if name in available - broken:
+            report(key, "name clashes with a seed field or an earlier column")
         templates: dict[str, str] = {}
         if isinstance(col, LLM_COLUMNS):
-            if col.model_alias not in recipe.models:
-                raise RecipeError(source, f"{key}.model_alias", f"unknown model alias {col.model_alias!r}")
+            if col.model_alias not in recipe.models and col.model_alias not in broken:
+                report(f"{key}.model_alias", f"unknown model alias {col.model_alias!r}")
             templates["prompt"] = col.prompt
             if col.system_prompt:
                 templates["system_prompt"] = col.system_prompt
         elif isinstance(col, ExpressionColumn):
             templates["expr"] = col.expr
         elif isinstance(col, SamplerColumn):
-            _check_sampler(col, source, key)
+            _check_sampler(col, key, report)
         for field, template in templates.items():
-            unknown = template_names(template, source, f"{key}.{field}") - available
-            if unknown:
-                raise RecipeError(
-                    source,
+            try:
+                unknown = template_names(template, source, f"{key}.{field}") - available
+            except RecipeError as e:
+                report(e.key, e.message)
+                continue
+            if unknown and seed_known:
+                report(
                     f"{key}.{field}",
                     f"refers to {sorted(unknown)}, which is neither a seed field nor an earlier column",
                 )
         available.add(name)
-    if recipe.seed_dataset is not None:
-        # Fields used anywhere must be in every seed row (the error names the line).
-        read_seed_rows(recipe.seed_dataset.path, required_fields=set(fields))
-    _check_projection(recipe, available, source)
+    if recipe.seed_dataset is not None and seed_known:
+        try:  # fields used anywhere must be in every seed row (the error names the line)
+            read_seed_rows(recipe.seed_dataset.path, required_fields=set(fields))
+        except RecipeError as e:
+            report(e.key, e.message, e.source)
+    if seed_known:
+        _check_projection(recipe, available, report)
     for i, f in enumerate(recipe.filters):
         column = recipe.columns.get(f.column)
-        if f.column not in available:
-            raise RecipeError(source, f"filters.{i}.column", f"{f.column!r} is not a column or seed field")
-        if isinstance(column, LLMJudgeColumn) and f.score not in {s.name for s in column.scores}:
+        if f.column not in available and seed_known:
+            report(f"filters.{i}.column", f"{f.column!r} is not a column or seed field")
+        elif isinstance(column, LLMJudgeColumn) and f.score not in {s.name for s in column.scores}:
             names = sorted(s.name for s in column.scores)
-            raise RecipeError(source, f"filters.{i}.score", f"judge column {f.column!r} has scores {names}")
+            report(f"filters.{i}.score", f"judge column {f.column!r} has scores {names}")
+    return found
 
 
-def _check_sampler(col: SamplerColumn, source: str, key: str) -> None:
+def _check_sampler(col: SamplerColumn, key: str, report) -> None:
     if col.sampler_type not in OFFLINE_SAMPLERS:
-        raise RecipeError(source, f"{key}.sampler_type", f"must be one of {sorted(OFFLINE_SAMPLERS)}")
+        report(f"{key}.sampler_type", f"must be one of {sorted(OFFLINE_SAMPLERS)}")
+        return
     from data_designer.config.column_configs import SamplerColumnConfig  # config layer only, no engine
 
     try:
@@ -95,23 +119,27 @@ def _check_sampler(col: SamplerColumn, source: str, key: str) -> None:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"][2:] if isinstance(p, str))
-        raise RecipeError(source, f"{key}.params{'.' + loc if loc else ''}", err["msg"]) from None
+        report(f"{key}.params{'.' + loc if loc else ''}", err["msg"])
 
 
-def _check_projection(recipe: Recipe, available: set[str], source: str) -> None:
+def _check_projection(recipe: Recipe, available: set[str], report) -> None:
     proj = recipe.output_projection
     key = "output_projection"
 
-    def need(field_key: str, column: str, kind: type | tuple[type, ...] | None = None) -> None:
+    def need(field_key: str, column: str, kind: type | tuple[type, ...] | None = None) -> bool:
         if column not in available:
-            raise RecipeError(source, f"{key}.{field_key}", f"{column!r} is not a column or seed field")
-        if kind is not None and not isinstance(recipe.columns.get(column), kind):
-            raise RecipeError(source, f"{key}.{field_key}", f"{column!r} must be a column of type {kind}")
+            report(f"{key}.{field_key}", f"{column!r} is not a column or seed field")
+            return False
+        if kind is not None and column in recipe.columns and not isinstance(recipe.columns[column], kind):
+            report(f"{key}.{field_key}", f"{column!r} must be a column of type {kind}")
+            return False
+        return True
 
     if isinstance(proj, DPOPreferenceProjection):
         for f in ("prompt", "response_a", "response_b"):
             need(f, getattr(proj, f))
-        need("judge", proj.judge, (LLMJudgeColumn, LLMStructuredColumn))
+        if not need("judge", proj.judge, (LLMJudgeColumn, LLMStructuredColumn)) or proj.judge not in recipe.columns:
+            return
         judge = recipe.columns[proj.judge]
         if isinstance(judge, LLMJudgeColumn):
             score = next((s for s in judge.scores if s.name == proj.score), None)
@@ -123,14 +151,14 @@ def _check_projection(recipe: Recipe, available: set[str], source: str) -> None:
             strings = isinstance(enum, list) and all(isinstance(e, str) for e in enum)
             options = None if prop is None else set(enum) if strings else set()  # type: ignore[arg-type]
         if options is None:
-            raise RecipeError(source, f"{key}.score", f"judge column {proj.judge!r} has no score {proj.score!r}")
-        if options != {"A", "B"}:
-            raise RecipeError(source, f"{key}.score", "the preference score's options must be exactly A and B")
+            report(f"{key}.score", f"judge column {proj.judge!r} has no score {proj.score!r}")
+        elif options != {"A", "B"}:
+            report(f"{key}.score", "the preference score's options must be exactly A and B")
         return
     for i, field in enumerate(proj.metadata_fields):
         need(f"metadata_fields.{i}", field)
         if field in ("messages", "tools"):
-            raise RecipeError(source, f"{key}.metadata_fields.{i}", f"{field!r} would overwrite the record's own field")
+            report(f"{key}.metadata_fields.{i}", f"{field!r} would overwrite the record's own field")
     if isinstance(proj, StructuredMessagesProjection) and proj.source is not None:
         need("source", proj.source)
     for i, msg in enumerate(proj.messages):
@@ -142,17 +170,17 @@ def _check_projection(recipe: Recipe, available: set[str], source: str) -> None:
         for i, tool in enumerate(proj.tools):
             fn = tool.get("function")
             if tool.get("type") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-                raise RecipeError(source, f"{key}.tools.{i}", "must be {type: function, function: {name, parameters}}")
+                report(f"{key}.tools.{i}", "must be {type: function, function: {name, parameters}}")
+                continue
             parameters = fn.get("parameters") or {}
             try:
                 jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator).check_schema(
                     parameters
                 )
             except jsonschema.SchemaError as e:
-                message = f"not a JSON schema: {e.message}"
-                raise RecipeError(source, f"{key}.tools.{i}.function.parameters", message) from None
+                report(f"{key}.tools.{i}.function.parameters", f"not a JSON schema: {e.message}")
         if proj.source is None and sum(m.tool_call is not None for m in proj.messages) != 1:
-            raise RecipeError(source, f"{key}.messages", "needs exactly one assistant message with tool_call")
+            report(f"{key}.messages", "needs exactly one assistant message with tool_call")
 
 
 def check_output_path(recipe: Recipe, source: str, create: bool = True) -> None:

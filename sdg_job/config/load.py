@@ -17,10 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import ValidationError
 
 from sdg_job.config import step_shape
-from sdg_job.config.checks import check_recipe
+from sdg_job.config.checks import recipe_problems
 from sdg_job.config.schema import UNION_TAGS, Recipe
 from sdg_job.config.secrets import refuse_secret_values
-from sdg_job.errors import RecipeError
+from sdg_job.errors import RecipeError, all_problems
 
 RECIPES_DIR = Path(os.environ.get("SDG_RECIPES_DIR", Path(__file__).resolve().parents[2] / "recipes"))
 
@@ -55,8 +55,9 @@ def read_yaml_mapping(path: Path, what: str = "a recipe") -> DictConfig:
     return cfg
 
 
-def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
-    """Load one recipe file, merging the files its `defaults:` list names underneath it."""
+def _load_yaml(path: Path, found: list[tuple[str, str, str]], chain: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one recipe file, merging the files its `defaults:` list names underneath it. Problems of the step's
+    shape go to `found`; the others raise at once (the file cannot be read further)."""
     if path in chain:
         raise RecipeError(str(path), "defaults", f"inheritance cycle: {' -> '.join(map(str, (*chain, path)))}")
     if not path.is_file():
@@ -66,7 +67,7 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     replaced: set[str] = set()
     if step_shape.is_step_shape(raw):  # the Nemotron step's shape: read into ours, file by file
         refuse_secret_values(raw, str(path))  # in the user's own key names (providers.0.api_key)
-        translated, replaced = step_shape.translate(raw, str(path))
+        translated, replaced = step_shape.translate(raw, str(path), found)
         cfg = OmegaConf.create(translated)
     seed = cfg.get("seed_dataset")
     if isinstance(seed, DictConfig) and "path" in seed and not OmegaConf.is_interpolation(seed, "path"):
@@ -91,7 +92,7 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         if not parent_path.is_file() and (RECIPES_DIR / name).is_file():
             parent_path = RECIPES_DIR / name
         parent_path = _full_path(parent_path, str(path), "defaults")  # a NUL byte in a name: bad input
-        merged = _merge(merged, _load_yaml(parent_path, (*chain, path)), parent_path)
+        merged = _merge(merged, _load_yaml(parent_path, found, (*chain, path)), parent_path)
     for section in replaced & set(merged.keys()):  # a list in the step's shape replaces the parent's section
         del merged[section]
     _drop_retyped(merged, cfg)
@@ -179,10 +180,11 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
     (`recipe=rl_pref layer=cpu`: rl_pref on the embedded CPU model); the other overrides apply after it."""
     path = resolve_recipe_path(ref)
     source = str(path)
-    cfg = _load_yaml(path)
+    found: list[tuple[str, str, str]] = []  # (source, key, message): every stage's problems, reported together
+    cfg = _load_yaml(path, found)
     for layer in [o.split("=", 1)[1] for o in overrides if o.startswith("layer=")]:
         over = layer_path(layer)
-        layered = _load_yaml(over)
+        layered = _load_yaml(over, found)
         _drop_retyped(cfg, layered)
         cfg = _merge(cfg, layered, over)
     overrides = [o for o in overrides if not o.startswith("layer=")]
@@ -199,20 +201,54 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
     refuse_secret_values(data, source)
     if "provider" not in data:
         data["provider"] = _one_provider(data, source)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(source, *_problems(e)) from None
+    recipe, broken = _validated(data, source, found)
+    if recipe is None:
+        raise all_problems(source, found)
     if not recipe.name:
         recipe = recipe.model_copy(update={"name": recipe.output_path.stem})
     recipe = _absolutize(recipe, path)
-    if check:
-        check_recipe(recipe, source)
+    if check or found:  # with problems already, the cross-checks' too: all of them in one run
+        found += recipe_problems(recipe, source, broken)
+    if found:
+        raise all_problems(source, found)
     return recipe
 
 
-def _problems(error: ValidationError) -> tuple[str, str]:
-    """(key, message) of a validation error: the key when there is one problem, else every problem on its line."""
+STAND_INS = {"num_records": 1}  # for a required value the schema refused, while the cross-checks run
+
+
+def _validated(data: dict, source: str, found: list) -> tuple[Recipe | None, frozenset[str]]:
+    """The Recipe, or, when the schema refuses parts of it, the schema's problems added to `found` and a Recipe
+    without the refused columns, models and sections (their names returned), so the cross-checks can still report
+    theirs in the same run; None when even that does not validate."""
+    try:
+        return Recipe.model_validate(data), frozenset()
+    except ValidationError as e:
+        found += [(source, key, message) for key, message in _problem_list(e)]
+        errors = e.errors()
+    data, broken = dict(data), set()
+    for err in errors:
+        loc = [str(p) for p in err["loc"]] or [""]
+        if loc[0] == "models" and len(loc) > 1 and isinstance(data.get("models"), dict):
+            data["models"] = {**data["models"], loc[1]: {"model": "refused"}}  # a recipe has at least one
+            broken.add(loc[1])
+        elif loc[0] in ("columns", "providers") and len(loc) > 1 and isinstance(data.get(loc[0]), dict):
+            data[loc[0]] = {k: v for k, v in data[loc[0]].items() if k != loc[1]}
+            broken.add(loc[1])
+        elif loc[0] == "output_projection":
+            data[loc[0]] = {"type": "openai_messages", "messages": []}  # stands in; its own problems are reported
+        elif loc[0] in STAND_INS:
+            data[loc[0]] = STAND_INS[loc[0]]
+        else:
+            data.pop(loc[0], None)  # a section with a default falls back to it; a required one fails below
+    try:
+        return Recipe.model_validate(data), frozenset(broken)
+    except ValidationError:
+        return None, frozenset()
+
+
+def _problem_list(error: ValidationError) -> list[tuple[str, str]]:
+    """(key, message) of each problem the schema found."""
     found = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
@@ -221,9 +257,7 @@ def _problems(error: ValidationError) -> tuple[str, str]:
         if at is not None and len(loc) > at and loc[at] in UNION_TAGS:
             del loc[at]
         found.append((".".join(loc), err["msg"]))
-    if len(found) == 1:
-        return found[0]
-    return "", f"{len(found)} problems:\n" + "\n".join(f"  {loc}: {msg}" for loc, msg in found)
+    return found
 
 
 def _one_provider(data: dict, source: str) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from sdg_job.config.schema import OFFLINE_SAMPLERS
-from sdg_job.errors import RecipeError
 
 # Where the step's providers point when a config names one without declaring it (as the step's own defaults do).
 BUILTIN_PROVIDERS = {
@@ -39,8 +38,10 @@ def is_step_shape(cfg: dict[str, Any]) -> bool:
     return isinstance(projection, dict) and bool(STEP_OPTIONS & set(projection))
 
 
-def translate(cfg: dict[str, Any], source: str) -> tuple[dict[str, Any], set[str]]:
-    """The file's content in the project's shape, and the sections it replaces outright in its parents."""
+def translate(cfg: dict[str, Any], source: str, found: list[tuple[str, str, str]]) -> tuple[dict[str, Any], set[str]]:
+    """The file's content in the project's shape, and the sections it replaces outright in its parents. Problems of
+    the step's shape go to `found` (source, key, message), the items they are in left out, so that the later
+    stages still report theirs in the same run."""
     out = dict(cfg)
     replaced: set[str] = set()
     problems: list[tuple[str, str]] = []
@@ -62,8 +63,7 @@ def translate(cfg: dict[str, Any], source: str) -> tuple[dict[str, Any], set[str
         out["output_projection"] = _projection(projection, problems)
         if out["output_projection"] is not projection:
             replaced.add("output_projection")
-    if problems:
-        raise RecipeError(source, "", "\n".join(f"  {key}: {msg}" for key, msg in problems))
+    found += [(source, key, msg) for key, msg in problems]
     models = out["models"].values() if isinstance(out.get("models"), dict) else ()
     names = {str(m.get("provider")) for m in models if isinstance(m, dict)} | {str(out.get("provider"))}
     builtin = {n: p for n, p in BUILTIN_PROVIDERS.items() if n in names}
@@ -82,7 +82,10 @@ def _by_name(items: list, section: str, key: str, problems: list, convert) -> di
         if item[key] in out:
             problems.append((f"{where}.{key}", f"{item[key]!r} appears twice"))
             continue
-        out[item[key]] = convert({k: v for k, v in item.items() if k != key}, where, problems)
+        before = len(problems)
+        converted = convert({k: v for k, v in item.items() if k != key}, where, problems)
+        if len(problems) == before:  # an item with a problem is left out: the schema would only report it again
+            out[item[key]] = converted
     return out
 
 
