@@ -24,6 +24,12 @@ LONGEST_FIRST = ["image", "test_slurm", "test_vllm", "test_trl", "test_e2e", "te
                  "test_bench", "test_ssh_tunnel", "test_step_shape", "test_card"]  # fmt: skip
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: each llama-server a test starts takes one thread (llama.cpp's own env var; a
+    # recipe's serve.threads still wins). Two servers of two threads each on two cores spin in each other's way.
+    os.environ.setdefault("LLAMA_ARG_THREADS", "1")
+
+
 def unit_of(nodeid: str) -> str:
     module = Path(nodeid.split("::")[0]).stem
     return SHARED_UNITS.get(module, module)
