@@ -44,8 +44,8 @@ def test_a_failed_stage_exits_with_its_code_and_shows_the_end_of_its_log(tmp_pat
 
 def test_make_install_runs_every_step_as_a_stage() -> None:
     """Every command of the install target runs through stage.sh (`make -n` lists them without running them)."""
-    listed = subprocess.run(["make", "-n", "-B", "VENV=/tmp/sdg-nonexistent-venv", "install"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    argv = ["make", "--no-print-directory", "-n", "-B", "VENV=/tmp/sdg-nonexistent-venv", "install"]
+    listed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     commands = listed.stdout.replace("\\\n", " ").splitlines()  # a command continued over lines is one
     steps = [c for c in commands if c.strip() and not c.startswith("touch ")]

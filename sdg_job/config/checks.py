@@ -146,7 +146,8 @@ def _check_projection(recipe: Recipe, available: set[str], report) -> None:
             options = set(score.options) if score else None
         else:  # a judge given as a schema (the Nemotron step's output_format): its winner property
             assert isinstance(judge, LLMStructuredColumn)
-            prop = judge.output_format["properties"].get(proj.score)
+            props = judge.output_format.get("properties")
+            prop = props.get(proj.score) if isinstance(props, dict) else None
             enum = prop.get("enum") if isinstance(prop, dict) else None
             strings = isinstance(enum, list) and all(isinstance(e, str) for e in enum)
             options = None if prop is None else set(enum) if strings else set()  # type: ignore[arg-type]
@@ -173,6 +174,9 @@ def _check_projection(recipe: Recipe, available: set[str], report) -> None:
                 report(f"{key}.tools.{i}", "must be {type: function, function: {name, parameters}}")
                 continue
             parameters = fn.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                report(f"{key}.tools.{i}.function.parameters", "must be a JSON schema (a mapping)")
+                continue
             try:
                 jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator).check_schema(
                     parameters
