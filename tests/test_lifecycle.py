@@ -54,7 +54,18 @@ def assert_nothing_left(marker: str, within: float = 20) -> None:
     deadline = time.monotonic() + within
     while (left := job_processes(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, f"still running after {within:.0f}s: {left}"
+    # Each with its state and parent: whether it escaped the supervisor's tree or outlived its signals.
+    assert not left, (
+        f"still running after {within:.0f}s: { ({pid: (cmd, proc_stat(pid)) for pid, cmd in left.items()}) }"
+    )
+
+
+def proc_stat(pid: int) -> str:
+    try:
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return "gone"
+    return f"state {state}, parent {parent}"
 
 
 @pytest.fixture

@@ -45,19 +45,28 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop) and k != SECRET_NAME}
 
 
-def environ(pid: int) -> dict[str, str]:
+def environ(pid: int) -> tuple[dict[str, str], bool]:
+    """The variables /proc/<pid>/environ shows, and whether that is still the whole environment the process
+    started with: one that renames itself through setproctitle (Ray's agents: ray::DashboardAgent) writes its title
+    over the start of that memory, and only a tail of the environment is left there."""
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
-        return {}
-    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+        return {}, False
+    items = raw.split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item), b"=" in items[0]
 
 
-def job_processes(job_id: str, slurm_conf: Path) -> dict[int, tuple[str, dict[str, str]]]:
-    """The live processes (pid → cmdline, environment) of this cluster's job `job_id`. Job ids start at 1 on every
-    test cluster, and another may run beside this one: the job's environment names its cluster's SLURM_CONF."""
-    found = {pid: (cmdline, environ(pid)) for pid, cmdline in processes_with_env("SLURM_JOB_ID", job_id).items()}
-    return {pid: (cmd, penv) for pid, (cmd, penv) in found.items() if penv.get("SLURM_CONF") == str(slurm_conf)}
+def job_processes(job_id: str, slurm_conf: Path) -> dict[int, tuple[str, dict[str, str] | None]]:
+    """The live processes (pid → cmdline, environment or None if no longer whole) of this cluster's job `job_id`.
+    Job ids start at 1 on every test cluster, and another may run beside this one: the job's environment names its
+    cluster's SLURM_CONF."""
+    found = {pid: (cmdline, *environ(pid)) for pid, cmdline in processes_with_env("SLURM_JOB_ID", job_id).items()}
+    return {
+        pid: (cmd, penv if whole else None)
+        for pid, (cmd, penv, whole) in found.items()
+        if penv.get("SLURM_CONF") == str(slurm_conf)
+    }
 
 
 def descendants(pid: int) -> set[int]:
@@ -177,16 +186,25 @@ def test_a_laptop_submits_through_the_ssh_tunnel(cluster: Path, login_node: dict
 
     # The secret reached the job: every process of it seen while it runs carries the value, on both Slurm nodes,
     # the Ray workers that run the shards (where a hosted provider's key is used) included.
+    # pid → (latest cmdline: a Ray worker names itself once started; its environment as first read intact).
     seen: dict[int, tuple[str, dict[str, str]]] = {}
+    unread: dict[int, str] = {}  # renamed before this test could read its environment: judged by the others
 
     def watch_until_ended() -> dict[str, str] | None:
-        seen.update(job_processes(job_id, cluster))  # the latest cmdline: a Ray worker names itself once started
+        for pid, (cmd, penv) in job_processes(job_id, cluster).items():
+            if pid in seen:
+                seen[pid] = (cmd, seen[pid][1])
+            elif penv is not None:
+                seen[pid] = (cmd, penv)
+            else:
+                unread[pid] = cmd
         state = job_state(slurm, job_id)
         return state if state["JobState"] in ENDED else None
 
     state = wait_for(watch_until_ended, 600, f"job {job_id} to end")
     without = {pid: cmd for pid, (cmd, penv) in seen.items() if penv.get(SECRET_NAME) != SECRET}
     assert not without, f"processes of the job without ${SECRET_NAME}: {without}"
+    assert all(cmd.startswith("ray::") for cmd in unread.values()), unread
     ray_workers = {penv.get("SLURMD_NODENAME") for cmd, penv in seen.values() if cmd.startswith("ray::")}
     assert ray_workers == {"n1", "n2"}, seen
     assert any("sdg_job run" in cmd and penv.get("SLURMD_NODENAME") == "n1" for cmd, penv in seen.values()), seen
