@@ -177,10 +177,12 @@ class TokenRate:
 
 
 def run_job(args: list[str], out_dir: Path, env: dict[str, str] | None = None) -> tuple[dict, float]:
-    """`python -m sdg_job run …` as a user runs it; returns its manifest and the command's start time."""
+    """`python -m sdg_job run …` as a user runs it; returns its manifest and the command's start time. Without the
+    preflight: its 1-token probe, seconds before Ray is up, would open the window a rate is taken over."""
     full_env = {**os.environ, "SDG_OUTPUT_DIR": str(out_dir), **(env or {})}
     t_start = time.time()
-    result = subprocess.run([sys.executable, "-m", "sdg_job", "run", *args, "--fresh"], cwd=REPO, env=full_env,
+    argv = [sys.executable, "-m", "sdg_job", "run", *args, "providers.openai.preflight=false", "--fresh"]
+    result = subprocess.run(argv, cwd=REPO, env=full_env,
                             capture_output=True, text=True)  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"sdg-job failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -299,9 +301,7 @@ def remote_quota(per_s: float, records: int, variants: list[bool], rows: list[Ro
     for paced in variants:
         with quota_server(f"job-{paced}") as sim:
             job = ["recipe=default", "provider=openai", "models.text.inference_parameters.max_tokens=32",
-                   f"num_records={records}", "generation.shard_size=20",
-                   # Its 1-token probe, seconds before Ray is up, would open the window the rate is taken over.
-                   "providers.openai.preflight=false"]  # fmt: skip
+                   f"num_records={records}", "generation.shard_size=20"]  # fmt: skip
             if paced:
                 job.append(f"providers.openai.max_requests_per_minute={per_s * 60:g}")
             manifest, _ = run_job(job, tmp / f"quota-job-{paced}", {"OPENAI_BASE_URL": sim.endpoint})
@@ -368,8 +368,6 @@ def real_server(engine: str, records: int, repeats: int, rows: list[Row], tmp: P
                 f"generation.shard_size={records}",
                 f"generation.max_parallel_requests={concurrency}",
                 "generation.keep_truncated=true",
-                # Its 1-token probe, seconds before Ray is up, would open the window the token rate is taken over.
-                "providers.openai.preflight=false",
             ]  # fmt: skip  (the minimal client keeps every answer too)
             with TokenRate(url, server.api_key, TOKEN_COUNTERS[engine]) as rate:
                 run_job(args, tmp / f"{engine}{i}", env)

@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(record, ensure_ascii=False, indent=2))
             print(f"# preview: {len(records)} valid, dropped {dropped or 'none'}; nothing written", file=sys.stderr)
             return 0
-        job.check_environment(recipe)
         manifest = job.run(recipe, source, fresh=ns.fresh)
         files = recipe.output_files
         where = str(files[0]) if len(files) == 1 else f"{len(files)} files: {files[0]} … {files[-1].name}"

@@ -26,7 +26,7 @@ Beside them, one observation the job needs and Data Designer 0.9.7 does not keep
 And a second: why requests failed. Data Designer drops a row whose request failed and says only that rows failed;
 `request_errors` counts each failed request by cause (Data Designer's own classification of the provider's answer:
 auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said`.
-The same wrapper paces requests to a provider with a quota (`pace`, the worker's share of
+The same wrapper (one around each request) paces requests to a provider with a quota (`pace`, the worker's share of
 `providers.<name>.max_requests_per_minute`); Data Designer's adaptive concurrency and its handling of Retry-After
 act only after a 429.
 
@@ -67,8 +67,7 @@ def apply() -> bool:
             _share_ssl_contexts()
             _smaller_connection_pools()
             _one_tokenizer_download_attempt()
-            _note_cut_answers()
-            _note_request_errors_and_pace()
+            _observe_requests()
         else:
             log.warning("Data Designer %s: hot-path fixes skipped (tested on %s)", found, TESTED_VERSION)
     return _applied
@@ -148,58 +147,44 @@ def _one_tokenizer_download_attempt() -> None:
     token_counting.get_cl100k_base_tokenizer = get_cl100k_base_tokenizer
 
 
-def _note_cut_answers() -> None:
+def _observe_requests() -> None:
+    """One wrapper around each model request: wait for the pace, call, note a cut answer or a failed request."""
+    import ray
+    from data_designer.engine.models.clients.errors import ProviderError
     from data_designer.engine.models.facade import ModelFacade
     from data_designer.engine.models.utils import GenerationTruncationReason, classify_generation_truncation_reason
 
-    def note(response: Any) -> Any:
+    from sdg_job.endpoints import request_cause
+
+    def note_cut(response: Any) -> Any:
         if classify_generation_truncation_reason(response) == GenerationTruncationReason.MAX_TOKENS:
             cut_answers.add((response.message.content or "").strip())  # as Data Designer stores the cell
         return response
 
-    completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
-
-    def completion_noting_cuts(self, *args, **kwargs):
-        return note(completion(self, *args, **kwargs))
-
-    async def acompletion_noting_cuts(self, *args, **kwargs):
-        return note(await acompletion(self, *args, **kwargs))
-
-    ModelFacade.completion = completion_noting_cuts  # type: ignore[method-assign]
-    ModelFacade.acompletion = acompletion_noting_cuts  # type: ignore[method-assign]
-
-
-def _note_request_errors_and_pace() -> None:
-    import ray
-    from data_designer.engine.models.clients.errors import ProviderError
-    from data_designer.engine.models.facade import ModelFacade
-
-    from sdg_job.endpoints import request_cause
-
-    def note(e: ProviderError) -> None:
+    def note_error(e: ProviderError) -> None:
         cause = request_cause(getattr(e.kind, "value", str(e.kind)))
         request_errors[cause] += 1
         request_error_said.setdefault(cause, f"HTTP {e.status_code}: {e.message}" if e.status_code else e.message)
 
     completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
 
-    def completion_noting_errors(self, *args, **kwargs):
+    def observed_completion(self, *args, **kwargs):
         if pace is not None and (wait := ray.get(pace.reserve.remote())) > 0:
             time.sleep(wait)
         try:
-            return completion(self, *args, **kwargs)
+            return note_cut(completion(self, *args, **kwargs))
         except ProviderError as e:
-            note(e)
+            note_error(e)
             raise
 
-    async def acompletion_noting_errors(self, *args, **kwargs):
+    async def observed_acompletion(self, *args, **kwargs):
         if pace is not None and (wait := await pace.reserve.remote()) > 0:
             await asyncio.sleep(wait)
         try:
-            return await acompletion(self, *args, **kwargs)
+            return note_cut(await acompletion(self, *args, **kwargs))
         except ProviderError as e:
-            note(e)
+            note_error(e)
             raise
 
-    ModelFacade.completion = completion_noting_errors  # type: ignore[method-assign]
-    ModelFacade.acompletion = acompletion_noting_errors  # type: ignore[method-assign]
+    ModelFacade.completion = observed_completion  # type: ignore[method-assign]
+    ModelFacade.acompletion = observed_acompletion  # type: ignore[method-assign]

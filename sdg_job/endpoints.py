@@ -157,11 +157,19 @@ def preflight(recipe: Recipe, source: str) -> None:
     Ray, a lease or a shard: a wrong key, a model the endpoint does not serve, or an endpoint that does not answer
     ends the job here (RecipeError, exit 2), in one line that names the provider, the endpoint and the cause.
 
-    Off with `providers.<name>.preflight: false`, or per model with the Nemotron step's `skip_health_check: true`.
+    Off with `providers.<name>.preflight: false`, or per model with the Nemotron step's `skip_health_check: true`;
+    an unset key of the hosted `nvidia` provider is refused all the same (an openai-compatible endpoint may
+    legitimately run without one, like a local vLLM started without --api-key).
     A 429 or 5xx is not the recipe's fault: it is logged and the job goes on (the run paces and retries those)."""
     if recipe.provider == "local":
         return
     name, provider = recipe.provider, recipe.providers[recipe.provider]
+    if name == "nvidia" and provider.api_key_env and not os.environ.get(provider.api_key_env):
+        raise RecipeError(
+            "environment",
+            provider.api_key_env,
+            f"is not set; provider nvidia needs an API key in ${provider.api_key_env}",
+        )
     models = sorted({m.model for m in recipe.models.values() if not m.skip_health_check})
     if not provider.preflight or not models:
         return

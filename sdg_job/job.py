@@ -36,7 +36,7 @@ from sdg_job.endpoints import (
     remote_endpoint,
     shared_pace,
 )
-from sdg_job.errors import Interrupted, JobError, RecipeError
+from sdg_job.errors import Interrupted, JobError
 from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
@@ -52,16 +52,14 @@ PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
 RSS_UNITS_PER_MB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
-def check_environment(recipe: Recipe) -> None:
-    """What the recipe needs from the environment, before anything is written: a hosted provider's key (an
-    openai-compatible endpoint may legitimately run without one, like a local vLLM started without --api-key),
-    and, offline, the staged weights of the job's own vLLM servers."""
-    if recipe.provider == "local" and recipe.serve is not None:
-        check_weights_staged(recipe.serve)
-    if recipe.provider == "nvidia":
-        key_env = recipe.providers["nvidia"].api_key_env
-        if key_env and not os.environ.get(key_env):
-            raise RecipeError("environment", key_env, f"is not set; provider nvidia needs an API key in ${key_env}")
+def check_outside(recipe: Recipe, source: str) -> None:
+    """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
+    servers; for a remote provider, the key and an endpoint that answers for every model (endpoints.preflight)."""
+    if recipe.provider == "local":
+        if recipe.serve is not None:
+            check_weights_staged(recipe.serve)
+    else:
+        preflight(recipe, source)
 
 
 def versions() -> dict[str, str]:
@@ -378,8 +376,7 @@ def _keeping_our_sigterm_handler() -> Iterator[None]:
 def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the manifest. Raises RecipeError (exit 2) when another driver holds the run dir,
     Interrupted (exit 128 + signal) on SIGTERM, SIGINT or SIGHUP, JobError (exit 1) when it cannot finish."""
-    check_environment(recipe)
-    preflight(recipe, source)
+    check_outside(recipe, source)
     check_output_path(recipe, source)
     signals = Signals().install()
     try:
@@ -492,8 +489,7 @@ def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Endpoint]:
 
 def preview(recipe: Recipe, source: str, count: int = 3) -> tuple[list[dict], dict[str, int]]:
     """A handful of projected records, generated for real, without touching the output or the run dir."""
-    check_environment(recipe)
-    preflight(recipe, source)
+    check_outside(recipe, source)
     with tempfile.TemporaryDirectory(prefix="sdg-preview-") as tmp:
         store = RunStore(Path(tmp))
         store.open("preview", True, "preview")

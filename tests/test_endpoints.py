@@ -8,6 +8,7 @@ any other key. The model a provider does not serve needs a server that checks mo
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -63,6 +64,41 @@ def test_a_closed_port_is_refused_at_once_with_the_cause(out_dir: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     line = refused_at_once(out_dir, {"OPENAI_BASE_URL": url, "OPENAI_API_KEY": KEY})
     assert url in line and "cannot reach it" in line and "Connection refused" in line, line
+
+
+def test_the_hosted_providers_unset_key_is_refused_before_any_request(out_dir: Path) -> None:
+    """provider nvidia is a hosted endpoint: no key is never right, with the preflight off too (no request made)."""
+    result = run_cli("run", "recipe=tiny", "provider=nvidia", "providers.nvidia.preflight=false", out_dir=out_dir,
+                     env={"NVIDIA_API_KEY": ""}, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "NVIDIA_API_KEY: is not set; provider nvidia needs an API key in $NVIDIA_API_KEY" in result.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.fixture
+def quick_preflight(monkeypatch) -> None:
+    monkeypatch.setattr("sdg_job.endpoints.PREFLIGHT_TIMEOUT", httpx.Timeout(2.0))
+
+
+def preflight_to(endpoint: str) -> str:
+    recipe = load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={endpoint}"])
+    with pytest.raises(RecipeError) as refused:
+        preflight(recipe, "tiny")
+    return str(refused.value)
+
+
+def test_an_endpoint_that_accepts_but_never_answers_is_refused_after_the_timeout(quick_preflight) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens; nobody ever reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        line = preflight_to(url)
+    assert url in line and "no answer within 2 s" in line, line
+
+
+def test_a_name_that_does_not_resolve_and_a_tls_mismatch_are_named(quick_preflight, tmp_path: Path) -> None:
+    assert "cannot reach it (ConnectError:" in preflight_to("http://sdg-job-test.invalid/v1")  # RFC 6761: never resolves
+    with Server(simulator_spec(), tmp_path / "sim.log") as plain:  # https:// to a server that speaks plain HTTP
+        tls = preflight_to(plain.endpoint.replace("http://", "https://"))
+    assert "cannot reach it (ConnectError:" in tls and "SSL" in tls, tls
 
 
 def test_preview_runs_the_preflight_too(out_dir: Path) -> None:
