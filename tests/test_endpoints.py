@@ -95,7 +95,8 @@ def test_an_endpoint_that_accepts_but_never_answers_is_refused_after_the_timeout
 
 
 def test_a_name_that_does_not_resolve_and_a_tls_mismatch_are_named(quick_preflight, tmp_path: Path) -> None:
-    assert "cannot reach it (ConnectError:" in preflight_to("http://sdg-job-test.invalid/v1")  # RFC 6761: never resolves
+    # RFC 6761: .invalid never resolves
+    assert "cannot reach it (ConnectError:" in preflight_to("http://sdg-job-test.invalid/v1")
     with Server(simulator_spec(), tmp_path / "sim.log") as plain:  # https:// to a server that speaks plain HTTP
         tls = preflight_to(plain.endpoint.replace("http://", "https://"))
     assert "cannot reach it (ConnectError:" in tls and "SSL" in tls, tls
