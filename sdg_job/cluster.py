@@ -42,7 +42,9 @@ def connect(run_dir: Path) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
     else:
-        # address="local": a new cluster even if another one runs on this machine (Ray would join that one)
+        # address="local": a new cluster even if another one runs on this machine (Ray would join that one).
+        # Ray says on every start that it chose token auth, its default; a newcomer's first screen needs not.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=os.cpu_count(), resources={NODE_RESOURCE: 1}, include_dashboard=False,
                  **common)  # fmt: skip
 

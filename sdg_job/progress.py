@@ -12,6 +12,12 @@ if TYPE_CHECKING:
     from sdg_job.job import Job
 
 
+def console() -> Console:
+    """stderr; in a log file (Slurm's, docker logs) rich would assume 80 columns and cut the line to fit."""
+    term = Console(stderr=True)
+    return term if term.is_terminal else Console(stderr=True, width=400)
+
+
 class JobProgress:
     def __init__(self, num_records: int):
         self.started = time.monotonic()
@@ -19,7 +25,7 @@ class JobProgress:
             TextColumn("records {task.completed}/{task.total}"),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console(),
             transient=False,
         )
         self.task = self.progress.add_task("records", total=num_records, stats="")

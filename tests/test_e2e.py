@@ -41,6 +41,9 @@ def test_tiny_recipe_writes_10_chat_records(tiny_run) -> None:
     out_dir, result = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote 10 records to {out_dir / 'tiny.jsonl'}" in result.stdout
+    # The progress line as a Slurm log keeps it (not a terminal): whole, not cut to 80 columns.
+    last = [line for line in result.stderr.splitlines() if line.startswith("records 10/10 · shards ")][-1]
+    assert " · dropped " in last and " tok/s · " in last and "…" not in last, last
     records = read_jsonl(out_dir / "tiny.jsonl")
     assert len(records) == 10
     assert len({json.dumps(r, sort_keys=True) for r in records}) == 10
