@@ -249,18 +249,18 @@ n, in_flight, warmup, max_tokens = map(int, sys.argv[4:])
 offline_environment(work / "dd_home")
 from sdg_job import dd_hotpath
 from sdg_job.config import load_recipe
-from sdg_job.endpoints import Endpoint
+from sdg_job.endpoints import Endpoint, route_models
 from sdg_job.generate import generate
 from sdg_job.seeds import read_seed_rows
 if variant == "fixed":
     dd_hotpath.apply()
 r = load_recipe("default", [f"models.text.inference_parameters.max_tokens={max_tokens}"])
 rows = (read_seed_rows(r.seed_dataset.path) * 1000)[:n]
-endpoint = Endpoint(url + "/v1", None, "simulated", in_flight)
+server = route_models(r, Endpoint(url + "/v1", None, "simulated", in_flight), {})
 if warmup:
-    generate(r, endpoint, warmup, rows[:warmup], work / "warm")
+    generate(r, server, warmup, rows[:warmup], work / "warm")
 cpu = time.process_time()
-generate(r, endpoint, n, rows, work / "dd")
+generate(r, server, n, rows, work / "dd")
 print(json.dumps({"ms_per_record": 1000 * (time.process_time() - cpu) / n}))
 """
 

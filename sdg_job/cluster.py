@@ -20,7 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdg_job.config import Recipe, ServeSpec
-from sdg_job.endpoints import Endpoint
+from sdg_job.endpoints import Endpoint, Routes, route_models
 from sdg_job.errors import JobError, RecipeError
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe
@@ -124,11 +124,12 @@ class NodeServer:
 
 
 @ray.remote(num_cpus=1, max_retries=0)
-def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: Endpoint, api_key: str | None,
+def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], routes: Routes, api_key: str | None,
                run_dir: str, attempt: int) -> dict:  # fmt: skip
     if api_key:
         os.environ[API_KEY_ENV] = api_key
-    check = (lambda: answers_health(endpoint.url.removesuffix("/v1"))) if endpoint.served_model else None
+    own = routes.own
+    check = (lambda: answers_health(own.url.removesuffix("/v1"))) if own else None
     node_id = ray.get_runtime_context().get_node_id()
     store = RunStore(Path(run_dir))
     # Data Designer's log for this shard goes to the run dir, not to the driver's terminal.
@@ -138,7 +139,7 @@ def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: En
     dd_log.addHandler(handler)
     dd_log.setLevel(logging.INFO)
     try:
-        return run_shard(recipe, shard, seed_rows, endpoint, store, attempt=attempt, server_ok=check, node_id=node_id)
+        return run_shard(recipe, shard, seed_rows, routes, store, attempt=attempt, server_ok=check, node_id=node_id)
     finally:
         dd_log.removeHandler(handler)
         handler.close()
@@ -146,9 +147,9 @@ def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], endpoint: En
 
 @dataclass
 class Node:
-    """One place shard tasks can run: a node with its own server, or (remote provider) anywhere."""
+    """One place shard tasks can run: a node with its own server, or (remote providers only) anywhere."""
 
-    endpoint: Endpoint
+    routes: Routes
     slots: int
     actor: Any = None
     node_id: str | None = None
@@ -174,7 +175,7 @@ class Node:
             # of CPU per record).
             options["num_cpus"] = 0
         return shard_task.options(**options).remote(
-            recipe, shard, seed_rows, self.endpoint, self.api_key, str(run_dir), attempt
+            recipe, shard, seed_rows, self.routes, self.api_key, str(run_dir), attempt
         )
 
     def recover(self, error: Exception) -> None:
@@ -225,8 +226,11 @@ class Node:
             self.health_ref = self.actor.ensure_alive.remote()
 
 
-def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int) -> list[Node]:
-    """One NodeServer per node slot in the cluster, all started in parallel and health-gated."""
+def start_node_servers(
+    recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int, remote: dict[str, Endpoint]
+) -> list[Node]:
+    """One NodeServer per node slot in the cluster, all started in parallel and health-gated. Each node's shards
+    send the models with provider local to its server, the others to their provider (`remote`)."""
     assert recipe.serve is not None
     count = wait_for_node_slots(
         int(os.environ.get("SDG_EXPECTED_NODES", "1")), float(os.environ.get("SDG_WAIT_S", 900))
@@ -240,9 +244,9 @@ def start_node_servers(recipe: Recipe, logs_dir: Path, workers_per_node: int, pa
     log.info("%d %s server(s) healthy in %.1fs", count, recipe.serve.engine, time.monotonic() - t0)
     nodes = []
     for actor, info in zip(actors, infos, strict=True):
-        endpoint = Endpoint(info["endpoint"], API_KEY_ENV, recipe.serve.served_model_name, parallel)
+        own = Endpoint(info["endpoint"], API_KEY_ENV, recipe.serve.served_model_name, parallel)
         key = ray.get(actor.api_key.remote())
-        nodes.append(Node(endpoint, workers_per_node, actor, info["node_id"], key, info))
+        nodes.append(Node(route_models(recipe, own, remote), workers_per_node, actor, info["node_id"], key, info))
     return nodes
 
 

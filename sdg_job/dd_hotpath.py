@@ -25,10 +25,10 @@ Beside them, one observation the job needs and Data Designer 0.9.7 does not keep
 `cut_answers` collects their texts, and `generate` flags the rows that carry one (they are dropped as `truncated`).
 And a second: why requests failed. Data Designer drops a row whose request failed and says only that rows failed;
 `request_errors` counts each failed request by cause (Data Designer's own classification of the provider's answer:
-auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said`.
-The same wrapper (one around each request) paces requests to a provider with a quota (`pace`, the worker's share of
-`providers.<name>.max_requests_per_minute`); Data Designer's adaptive concurrency and its handling of Retry-After
-act only after a 429.
+auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said` and its
+name in `request_error_provider`. The same wrapper (one around each request) paces requests to a provider with a
+quota (`paces`, a turn of `providers.<name>.max_requests_per_minute` each); Data Designer's adaptive concurrency and
+its handling of Retry-After act only after a 429.
 
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
 skipped with a warning, so an upgrade never runs patched code nobody checked against it.
@@ -52,7 +52,8 @@ tokenizer_error: str | None = None  # why cl100k_base could not be loaded in thi
 cut_answers: set[str] = set()  # stripped texts of answers cut at max_tokens in this process (generate clears it)
 request_errors: Counter[str] = Counter()  # failed requests in this process by cause (generate clears it)
 request_error_said: dict[str, str] = {}  # the provider's message, one per cause
-pace: Any = None  # the job's endpoints.Pace actor while this process generates for a provider with a quota
+request_error_provider: dict[str, str] = {}  # which provider (Data Designer's provider name) failed so, one per cause
+paces: dict[str, Any] = {}  # provider name → the job's endpoints.Pace actor, for providers with a quota
 
 
 def apply() -> bool:
@@ -161,29 +162,32 @@ def _observe_requests() -> None:
             cut_answers.add((response.message.content or "").strip())  # as Data Designer stores the cell
         return response
 
-    def note_error(e: ProviderError) -> None:
+    def note_error(facade: ModelFacade, e: ProviderError) -> None:
         cause = request_cause(getattr(e.kind, "value", str(e.kind)))
         request_errors[cause] += 1
         request_error_said.setdefault(cause, f"HTTP {e.status_code}: {e.message}" if e.status_code else e.message)
+        request_error_provider.setdefault(cause, facade.model_provider_name)
 
     completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
 
     def observed_completion(self, *args, **kwargs):
+        pace = paces.get(self.model_provider_name)
         if pace is not None and (wait := ray.get(pace.reserve.remote())) > 0:
             time.sleep(wait)
         try:
             return note_cut(completion(self, *args, **kwargs))
         except ProviderError as e:
-            note_error(e)
+            note_error(self, e)
             raise
 
     async def observed_acompletion(self, *args, **kwargs):
+        pace = paces.get(self.model_provider_name)
         if pace is not None and (wait := await pace.reserve.remote()) > 0:
             await asyncio.sleep(wait)
         try:
             return note_cut(await acompletion(self, *args, **kwargs))
         except ProviderError as e:
-            note_error(e)
+            note_error(self, e)
             raise
 
     ModelFacade.completion = observed_completion  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from sdg_job.config import Recipe
+from sdg_job.config import ProviderSpec, Recipe
 from sdg_job.errors import RecipeError
 
 log = logging.getLogger("sdg_job.endpoints")
@@ -37,6 +37,32 @@ class Endpoint:
     # service may refuse an unknown field with HTTP 400, which would lose every row).
     takes_template_kwargs: bool = True
     pace: Any = None  # a Pace actor every worker asks before each request, when the provider has a quota
+    provider: str = "local"  # the recipe's name for it: local (the job's own server) or a `providers` entry
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where each model alias of a shard sends its requests: the node's own server (`own`) for the models with
+    provider local, their provider's endpoint for the others. A recipe may mix both: a generator served on the
+    nodes beside a judge at a hosted provider."""
+
+    by_alias: dict[str, Endpoint]
+    own: Endpoint | None = None
+
+    def __getitem__(self, alias: str) -> Endpoint:
+        return self.by_alias[alias]
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Each endpoint once: the node's own server first."""
+        return list(dict.fromkeys([*([self.own] if self.own else []), *self.by_alias.values()]))
+
+
+def route_models(recipe: Recipe, own: Endpoint | None, remote: dict[str, Endpoint]) -> Routes:
+    """Each alias to its endpoint: `own` (the node's server) for provider local, else its entry in `remote`."""
+    by_alias = {alias: remote.get(recipe.provider_of(alias)) or own for alias in recipe.models}
+    assert all(by_alias.values()), "a model served locally without a server of the job's own"
+    return Routes(by_alias, own)  # type: ignore[arg-type]
 
 
 class Pace:
@@ -56,19 +82,26 @@ class Pace:
         return at - now
 
 
-def shared_pace(recipe: Recipe) -> Any:
-    """The job's Pace actor for its remote provider's `max_requests_per_minute`, or None without a quota."""
+def remote_endpoints(recipe: Recipe, parallel: int) -> dict[str, Endpoint]:
+    """An endpoint for each remote provider the models use; one Pace actor for each with a request quota."""
+    return {
+        name: remote_endpoint(recipe, name, parallel, shared_pace(recipe, name)) for name in recipe.remote_providers
+    }
+
+
+def shared_pace(recipe: Recipe, name: str) -> Any:
+    """The job's Pace actor for a provider's `max_requests_per_minute`, or None without a quota."""
     import ray
 
-    quota = recipe.providers[recipe.provider].max_requests_per_minute
+    quota = recipe.providers[name].max_requests_per_minute
     return ray.remote(num_cpus=0)(Pace).remote(quota / 60) if quota else None
 
 
-def remote_endpoint(recipe: Recipe, parallel: int, pace: Any = None) -> Endpoint:
-    provider = recipe.providers[recipe.provider]
+def remote_endpoint(recipe: Recipe, name: str, parallel: int, pace: Any = None) -> Endpoint:
+    provider = recipe.providers[name]
     key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
-    hosted_by_nvidia = recipe.provider == "nvidia" or "api.nvidia.com" in provider.endpoint
-    return Endpoint(provider.endpoint, key_env, None, parallel, hosted_by_nvidia, pace)
+    hosted_by_nvidia = name == "nvidia" or "api.nvidia.com" in provider.endpoint
+    return Endpoint(provider.endpoint, key_env, None, parallel, hosted_by_nvidia, pace, name)
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:
@@ -83,7 +116,8 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     the job: saturation 0.89-0.96 against 0.99. The server's time is what costs, so workers stay few and full.
     """
     gen, serve = recipe.generation, recipe.serve
-    served_here = serve.capacity if recipe.provider == "local" and serve is not None else REMOTE_CONCURRENCY
+    # With a model served on the nodes, their server sets the pace (a remote judge beside it takes as many).
+    served_here = serve.capacity if recipe.serves_locally and serve is not None else REMOTE_CONCURRENCY
     capacity = gen.max_parallel_requests or served_here
     workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
     return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
@@ -109,8 +143,8 @@ INCURABLE_AFTER_S = {"auth": 0.0, "not_found": 0.0, "connection": 30.0}
 
 
 class EndpointFailing(Exception):
-    def __init__(self, cause: str, said: str | None, shard: str, for_s: float):
-        self.cause, self.said, self.shard, self.for_s = cause, said, shard, for_s
+    def __init__(self, cause: str, said: str | None, shard: str, for_s: float, provider: str):
+        self.cause, self.said, self.shard, self.for_s, self.provider = cause, said, shard, for_s, provider
 
 
 class EndpointWatch:
@@ -129,16 +163,20 @@ class EndpointWatch:
             return
         since = self.failing_since.setdefault(cause, time.monotonic())
         if time.monotonic() - since >= INCURABLE_AFTER_S[cause]:
-            raise EndpointFailing(cause, summary.get("request_error"), summary["shard"], time.monotonic() - since)
+            # Which provider failed (a recipe may use several); a shard from before it was noted: the recipe's.
+            provider = summary.get("request_error_provider") or "?"
+            raise EndpointFailing(cause, summary.get("request_error"), summary["shard"], time.monotonic() - since,
+                                  provider)  # fmt: skip
 
 
 def failing_message(recipe: Recipe, e: EndpointFailing) -> str:
-    if recipe.provider == "local":
+    name = e.provider if e.provider in (*recipe.providers, "local") else recipe.provider
+    if name == "local":
         where = "the job's own server"
         fix = "see its log under the run dir's logs/"
     else:
-        provider = recipe.providers[recipe.provider]
-        where = f"provider {recipe.provider} ({provider.endpoint})"
+        provider = recipe.providers[name]
+        where = f"provider {name} ({provider.endpoint})"
         fix = {
             "auth": f"check the key in ${provider.api_key_env}" if provider.api_key_env else "it wants a key",
             "not_found": "check the models' names against what it serves",
@@ -161,16 +199,20 @@ def preflight(recipe: Recipe, source: str) -> None:
     an unset key of the hosted `nvidia` provider is refused all the same (an openai-compatible endpoint may
     legitimately run without one, like a local vLLM started without --api-key).
     A 429 or 5xx is not the recipe's fault: it is logged and the job goes on (the run paces and retries those)."""
-    if recipe.provider == "local":
-        return
-    name, provider = recipe.provider, recipe.providers[recipe.provider]
+    for name in recipe.remote_providers:
+        models = {
+            m.model for a, m in recipe.models.items() if recipe.provider_of(a) == name and not m.skip_health_check
+        }
+        _preflight(name, recipe.providers[name], sorted(models), source)
+
+
+def _preflight(name: str, provider: ProviderSpec, models: list[str], source: str) -> None:
     if name == "nvidia" and provider.api_key_env and not os.environ.get(provider.api_key_env):
         raise RecipeError(
             "environment",
             provider.api_key_env,
             f"is not set; provider nvidia needs an API key in ${provider.api_key_env}",
         )
-    models = sorted({m.model for m in recipe.models.values() if not m.skip_health_check})
     if not provider.preflight or not models:
         return
     key_env = provider.api_key_env

@@ -1,4 +1,4 @@
-"""One shard's records: recipe columns → Data Designer config → `create()` against one endpoint → raw rows.
+"""One shard's records: recipe columns → Data Designer config → `create()` against each model's endpoint → raw rows.
 
 This is the only module that drives Data Designer's engine (dd_hotpath only patches it). It knows nothing of YAML,
 Ray or merging.
@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from sdg_job.config import (
     SamplerColumn,
     StructuredMessagesProjection,
 )
-from sdg_job.endpoints import Endpoint
+from sdg_job.endpoints import Routes
 
 log = logging.getLogger("sdg_job.generate")
 
@@ -37,10 +38,12 @@ class GenerationResult:
     failed: int  # rows Data Designer dropped (failed LLM calls, unparsable output)
     input_tokens: int = 0
     output_tokens: int = 0
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)  # per model alias: requests answered, tokens
     error: str | None = None
     reasons: dict[str, int] = field(default_factory=dict)
     request_errors: dict[str, int] = field(default_factory=dict)  # failed requests by cause (dd_hotpath.CAUSES)
     request_error: str | None = None  # the provider's words for the most frequent cause
+    request_error_provider: str | None = None  # and which provider said them
 
 
 def offline_environment(home: Path) -> None:
@@ -104,7 +107,7 @@ def guided_schema(recipe: Recipe, name: str, column: LLMStructuredColumn | LLMJu
     return structured_schema(column)
 
 
-def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | None):
+def build_config(recipe: Recipe, routes: Routes, seed_rows: list[dict] | None):
     """Data Designer config for one shard. Structured and judge columns get a model alias of their own whose
     `extra_body.response_format` carries the column's schema, so the server decodes valid JSON (guided decoding);
     without it a small model fails to parse and the row is lost."""
@@ -120,7 +123,7 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
         if alias in defaults:
             builder.delete_model_config(alias)
             defaults.discard(alias)
-        spec = recipe.models[model_key]
+        spec, endpoint = recipe.models[model_key], routes[model_key]
         params = spec.inference_parameters
         body = {**(params.extra_body or {}), **(extra_body or {})}
         if spec.reasoning is not None and endpoint.takes_template_kwargs:
@@ -131,7 +134,7 @@ def build_config(recipe: Recipe, endpoint: Endpoint, seed_rows: list[dict] | Non
             dd.ModelConfig(
                 alias=alias,
                 model=endpoint.served_model or spec.model,
-                provider="sdg",
+                provider=endpoint.provider,
                 skip_health_check=True,
                 inference_parameters=dd.ChatCompletionInferenceParams(
                     temperature=params.temperature,
@@ -198,20 +201,24 @@ def flag_cut_answers(recipe: Recipe, rows: list[dict[str, Any]], cut: set[str]) 
 
 
 class _TokenCounter:
-    """Sums Data Designer's token-usage events for the duration of one create()."""
+    """Sums Data Designer's token-usage events (one per answered request) for the duration of one create(), in all
+    and per model alias of the recipe (a structured column's own alias, `<alias>__<column>`, counts as its model's)."""
 
     def __init__(self) -> None:
         self.input = self.output = 0
+        self.by_alias: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, event) -> None:
         with self._lock:
             self.input += event.input_tokens
             self.output += event.output_tokens
+            usage = self.by_alias.setdefault(event.model_alias.split("__")[0], Counter())
+            usage.update(requests=1, input_tokens=event.input_tokens, output_tokens=event.output_tokens)
 
 
 def generate(
-    recipe: Recipe, endpoint: Endpoint, num_records: int, seed_rows: list[dict] | None, work_dir: Path
+    recipe: Recipe, routes: Routes, num_records: int, seed_rows: list[dict] | None, work_dir: Path
 ) -> GenerationResult:
     """Run Data Designer for `num_records` rows. Never raises for bad rows: they are counted as failed."""
     import data_designer.config as dd
@@ -220,8 +227,9 @@ def generate(
 
     from sdg_job import dd_hotpath
 
-    provider = dd.ModelProvider(name="sdg", endpoint=endpoint.url, api_key=endpoint.api_key_env or "none")
-    designer = DataDesigner(artifact_path=work_dir, model_providers=[provider], auto_configure_logging=False)
+    providers = [dd.ModelProvider(name=e.provider, endpoint=e.url, api_key=e.api_key_env or "none")
+                 for e in routes.endpoints]  # fmt: skip
+    designer = DataDesigner(artifact_path=work_dir, model_providers=providers, auto_configure_logging=False)
     # Early shutdown would throw away every good row of the shard when a small model misbehaves; the job
     # counts failures itself and tops up, so keep whatever succeeds.
     designer.set_run_config(
@@ -232,11 +240,12 @@ def generate(
             progress_interval=3600,
         )
     )
-    builder = build_config(recipe, endpoint, seed_rows)
+    builder = build_config(recipe, routes, seed_rows)
     dd_hotpath.cut_answers.clear()
     dd_hotpath.request_errors.clear()
     dd_hotpath.request_error_said.clear()
-    dd_hotpath.pace = endpoint.pace
+    dd_hotpath.request_error_provider.clear()
+    dd_hotpath.paces = {e.provider: e.pace for e in routes.endpoints if e.pace is not None}
     counter = _TokenCounter()
     unsubscribe = subscribe_token_usage(counter)
     try:
@@ -262,8 +271,10 @@ def generate(
         failed=failed,
         input_tokens=counter.input,
         output_tokens=counter.output,
+        usage={alias: dict(usage) for alias, usage in sorted(counter.by_alias.items())},
         error=error,
         reasons={reason: failed} if failed else {},
         request_errors=dict(causes),
         request_error=dd_hotpath.request_error_said.get(causes[0][0]) if causes else None,
+        request_error_provider=dd_hotpath.request_error_provider.get(causes[0][0]) if causes else None,
     )

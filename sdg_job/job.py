@@ -30,11 +30,13 @@ from sdg_job.endpoints import (
     Endpoint,
     EndpointFailing,
     EndpointWatch,
+    Routes,
     concurrency,
     failing_message,
     preflight,
     remote_endpoint,
-    shared_pace,
+    remote_endpoints,
+    route_models,
 )
 from sdg_job.errors import Interrupted, JobError
 from sdg_job.lease import LEASE_FILE, Lease
@@ -54,12 +56,10 @@ RSS_UNITS_PER_MB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrs
 
 def check_outside(recipe: Recipe, source: str) -> None:
     """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
-    servers; for a remote provider, the key and an endpoint that answers for every model (endpoints.preflight)."""
-    if recipe.provider == "local":
-        if recipe.serve is not None:
-            check_weights_staged(recipe.serve)
-    else:
-        preflight(recipe, source)
+    servers; for each remote provider, the key and an endpoint that answers for its models (endpoints.preflight)."""
+    if recipe.serves_locally and recipe.serve is not None:
+        check_weights_staged(recipe.serve)
+    preflight(recipe, source)
 
 
 def versions() -> dict[str, str]:
@@ -208,7 +208,7 @@ class Job:
         request_errors: Counter[str] = Counter()
         for x in summaries.values():
             request_errors.update(x.get("request_errors") or {})
-        served = recipe.serve.served_model_name if recipe.provider == "local" and recipe.serve else None
+        served = recipe.serve.served_model_name if recipe.serve else None
         return {
             "status": status,
             "recipe": recipe.name,
@@ -218,7 +218,12 @@ class Job:
             "seed": self._seed_info(),
             "provider": recipe.provider,
             "models": {
-                alias: {**m.model_dump(mode="json"), "model": served or m.model} for alias, m in recipe.models.items()
+                alias: {
+                    **m.model_dump(mode="json"),
+                    "provider": recipe.provider_of(alias),
+                    "model": served if recipe.provider_of(alias) == "local" else m.model,
+                }
+                for alias, m in recipe.models.items()
             },
             "servers": server_info,
             "versions": versions(),
@@ -235,6 +240,7 @@ class Job:
             "failures": self.failures,
             "server_restarts": sum(s.get("restarts", 0) for s in server_info),
             "tokens": {"input": sum(x["input_tokens"] for x in summaries.values()), "output": tokens_out},
+            "usage": usage_by_alias(summaries.values()),
             "record_tokens": self.record_tokens(),
             "shards": [{k: v for k, v in summaries[i].items() if k != "columns"} for i in self.committed_ids()],
             "shards_skipped_on_resume": self.skipped,
@@ -306,6 +312,16 @@ def output_layouts(out: Path) -> list[Path]:
     parts = re.compile(rf"{re.escape(out.stem)}-\d{{5,}}-of-\d{{5,}}{re.escape(out.suffix)}")
     found = [p for p in out.parent.iterdir() if parts.fullmatch(p.name)]
     return [out, *found] if out.exists() else found
+
+
+def usage_by_alias(summaries) -> dict[str, dict[str, int]]:
+    """Requests answered and tokens per model alias, over every committed shard (a shard of an older version, which
+    did not count them, adds nothing)."""
+    total: dict[str, Counter[str]] = {}
+    for x in summaries:
+        for alias, usage in (x.get("usage") or {}).items():
+            total.setdefault(alias, Counter()).update(usage)
+    return {alias: dict(usage) for alias, usage in sorted(total.items())}
 
 
 def client_cpu(timings: dict[str, float], summaries, records: int) -> dict[str, Any]:
@@ -418,11 +434,11 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
                 cluster.connect(recipe.run_dir)
             signals.install()
             timings["ray_ready"] = time.monotonic() - t0
-            if recipe.provider == "local":
-                nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel)
+            remote = remote_endpoints(recipe, parallel)
+            if recipe.serves_locally:
+                nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel, remote)
             else:
-                endpoint = remote_endpoint(recipe, parallel, shared_pace(recipe))
-                nodes = [cluster.Node(endpoint, workers * max(1, cluster.node_slots()))]
+                nodes = [cluster.Node(route_models(recipe, None, remote), workers * max(1, cluster.node_slots()))]
             timings["servers_ready"] = time.monotonic() - t0
             timings["driver_cpu_startup"] = time.process_time() - cpu0
             with JobProgress(recipe.num_records) as progress:
@@ -472,17 +488,19 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
 
 
 @contextlib.contextmanager
-def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Endpoint]:
-    """Preview path: one server in this process, no Ray."""
+def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Routes]:
+    """Preview path: the job's own server (if any model is served locally) in this process, no Ray."""
     workers, parallel = concurrency(recipe)
-    if recipe.provider != "local":
-        yield remote_endpoint(recipe, parallel)
+    remote = {name: remote_endpoint(recipe, name, parallel) for name in recipe.remote_providers}
+    if not recipe.serves_locally:
+        yield route_models(recipe, None, remote)
         return
     assert recipe.serve is not None
     with Server(recipe.serve, logs_dir / "server.log") as server:
         os.environ[API_KEY_ENV] = server.api_key
         try:
-            yield Endpoint(server.endpoint, API_KEY_ENV, recipe.serve.served_model_name, parallel * workers)
+            own = Endpoint(server.endpoint, API_KEY_ENV, recipe.serve.served_model_name, parallel * workers)
+            yield route_models(recipe, own, remote)
         finally:
             os.environ.pop(API_KEY_ENV, None)
 
@@ -496,6 +514,6 @@ def preview(recipe: Recipe, source: str, count: int = 3) -> tuple[list[dict], di
         seed_rows, strategy = load_seeds(recipe.seed_dataset)
         size = min(count, recipe.num_records)
         shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
-        with _in_process_server(recipe, store.logs_dir) as endpoint:
-            summary = run_shard(recipe, shard, [seed_rows[i] for i in shard.seed_rows], endpoint, store)
+        with _in_process_server(recipe, store.logs_dir) as shard_routes:
+            summary = run_shard(recipe, shard, [seed_rows[i] for i in shard.seed_rows], shard_routes, store)
         return store.records(shard.id), summary["dropped"]

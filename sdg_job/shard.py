@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from sdg_job.card import column_types
 from sdg_job.config import Recipe
-from sdg_job.endpoints import Endpoint, redact
+from sdg_job.endpoints import Routes, redact
 from sdg_job.errors import ServerUnavailable
 from sdg_job.generate import generate, load_engine
 from sdg_job.plan import Shard
@@ -23,7 +23,7 @@ def run_shard(
     recipe: Recipe,
     shard: Shard,
     seed_rows: list[dict],
-    endpoint: Endpoint,
+    routes: Routes,
     store: RunStore,
     attempt: int = 0,
     server_ok: Callable[[], bool] | None = None,
@@ -36,9 +36,9 @@ def run_shard(
     engine_load_cpu = load_engine()
     started, cpu_started = time.monotonic(), time.process_time()
     work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
-    result = generate(recipe, endpoint, shard.size, seed_rows or None, work_dir)
+    result = generate(recipe, routes, shard.size, seed_rows or None, work_dir)
     if server_ok is not None and not server_ok():
-        raise ServerUnavailable(f"{endpoint.url} stopped answering during {shard.id}")
+        raise ServerUnavailable(f"{routes.own.url if routes.own else 'the server'} stopped answering during {shard.id}")
     labels = scaffolding_labels(recipe)
     records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters, labels)
     dropped.update(result.reasons)
@@ -50,21 +50,30 @@ def run_shard(
         "dropped": dict(dropped),
         "input_tokens": result.input_tokens,
         "output_tokens": result.output_tokens,
+        "usage": result.usage,  # per model alias
         "seconds": round(time.monotonic() - started, 3),
         "cpu_s": round(time.process_time() - cpu_started, 3),  # this worker process, all its threads
         "engine_load_cpu_s": round(engine_load_cpu, 3),  # once per worker process
         "retries": attempt,
         "random_seed": shard.random_seed,
-        "endpoint": endpoint.url,
+        "endpoint": routes.endpoints[0].url,  # the node's own server, if any models are served there
+        "endpoints": {alias: e.url for alias, e in routes.by_alias.items()},
         "worker": f"{os.uname().nodename}:{os.getpid()}",
         "node_id": node_id,
         "error": result.error,
         "request_errors": result.request_errors,  # failed requests by cause (a row may have several)
-        "request_error": redact(result.request_error, os.environ.get(endpoint.api_key_env or "")),
+        "request_error": redact_keys(result.request_error, routes),
+        "request_error_provider": result.request_error_provider,
         "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
     }
-    serve = recipe.serve if endpoint.served_model else None  # the job's own server, not a remote provider
-    tokens = record_tokens(serve, endpoint, recipe.output_projection, records)  # while the server is up
+    # Counted by the job's own server, which knows the model's tokenizer (a remote provider exposes none).
+    tokens = record_tokens(recipe.serve, routes.own, recipe.output_projection, records) if routes.own else None
     committed = store.commit(shard.id, records, summary, tokens)
     shutil.rmtree(work_dir, ignore_errors=True)
     return committed
+
+
+def redact_keys(text: str | None, routes: Routes) -> str | None:
+    for endpoint in routes.endpoints:
+        text = redact(text, os.environ.get(endpoint.api_key_env or ""))
+    return text

@@ -82,6 +82,25 @@ def test_provider_is_a_one_word_switch(monkeypatch) -> None:
     assert load_recipe("rl_pref", ["provider=nvidia"]).provider == "nvidia"
 
 
+def test_each_model_may_name_its_own_provider(tmp_path: Path) -> None:
+    """A generator served on the nodes beside a judge at a hosted provider. `provider=` on the command line moves
+    every model the files place (what `docker run … provider=openai` relies on); a model's own override stays."""
+    own = tmp_path / "mixed.yaml"
+    own.write_text("defaults: [rl_pref, layers/cpu]\nmodels:\n  judge: {provider: nvidia}\n")
+    mixed = load_recipe(str(own))
+    assert [mixed.provider_of(a) for a in ("precise", "creative", "judge")] == ["local", "local", "nvidia"]
+    assert mixed.serves_locally and mixed.remote_providers == ["nvidia"]
+    assert {load_recipe(str(own), ["provider=openai"]).provider_of(a) for a in mixed.models} == {"openai"}
+    kept = load_recipe(str(own), ["provider=openai", "models.creative.provider=nvidia"])
+    assert [kept.provider_of(a) for a in ("precise", "creative", "judge")] == ["openai", "nvidia", "openai"]
+    with pytest.raises(RecipeError, match="no providers.azure entry") as e:
+        load_recipe("rl_pref", ["models.judge.provider=azure"])
+    assert e.value.key == "models.judge.provider"
+    with pytest.raises(RecipeError, match=r"provider local \(judge\) needs a serve section") as e:
+        load_recipe("rl_pref", ["provider=nvidia", "serve=null", "models.judge.provider=local"])
+    assert e.value.key == "serve"
+
+
 def test_recipe_by_path_with_relative_defaults(tmp_path: Path) -> None:
     own = tmp_path / "mine.yaml"
     own.write_text("defaults: [rl_pref, layers/cpu]\nname: mine\nnum_records: 3\n")

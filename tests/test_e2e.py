@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sdg_job.config import load_recipe
+from sdg_job.serve import Server
 from tests.conftest import REPO, all_files, read_jsonl, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -155,11 +157,17 @@ def test_preview_prints_records_and_writes_nothing(out_dir: Path) -> None:
     assert all_files(out_dir) == []
 
 
-def test_rl_pref_gives_exact_count_of_preference_pairs(out_dir: Path) -> None:
-    """The README's one-liner for any recipe on the CPU: `recipe=rl_pref layer=cpu` (short answers, to be quick)."""
+def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: Path) -> None:
+    """The README's one-liner for any recipe on the CPU: `recipe=rl_pref layer=cpu` (short answers, to be quick),
+    with its judge at a provider of its own, as a hosted judge beside a generator served on the nodes would be: a
+    llama-server this test starts outside the job, which wants its own key."""
+    serve = load_recipe("tiny").serve
+    assert serve is not None
     short = [f"models.{alias}.inference_parameters.max_tokens=96" for alias in ("precise", "creative", "judge")]
-    result = run_cli("run", "recipe=rl_pref", "layer=cpu", "num_records=4", "generation.keep_truncated=true", *short,
-                     out_dir=out_dir)  # fmt: skip
+    with Server(serve, tmp_path / "judge.log") as judge:
+        env = {"OPENAI_BASE_URL": judge.endpoint, "OPENAI_API_KEY": judge.api_key}
+        result = run_cli("run", "recipe=rl_pref", "layer=cpu", "num_records=4", "generation.keep_truncated=true",
+                         *short, "models.judge.provider=openai", out_dir=out_dir, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_jsonl(out_dir / "rl_pref.jsonl")
     assert len(records) == 4
@@ -171,6 +179,17 @@ def test_rl_pref_gives_exact_count_of_preference_pairs(out_dir: Path) -> None:
     manifest = manifest_of(out_dir, "rl_pref")
     assert manifest["records"] == 4
     assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 4  # a top-up may make a few more than needed
+    assert {a: m["provider"] for a, m in manifest["models"].items()} == {"precise": "local", "creative": "local",
+                                                                         "judge": "openai"}  # fmt: skip
+    (own,) = [server["endpoint"] for server in manifest["servers"]]
+    for shard in manifest["shards"]:
+        assert shard["endpoints"] == {"precise": own, "creative": own, "judge": judge.endpoint}, shard
+    usage = manifest["usage"]  # per alias: requests answered and their tokens
+    assert set(usage) == {"precise", "creative", "judge"} and all(u["requests"] >= 4 for u in usage.values()), usage
+    assert sum(u["output_tokens"] for u in usage.values()) == manifest["tokens"]["output"]
+    judged = (tmp_path / "judge.log").read_text()
+    assert judged.count("processing task") >= 5, judged[-2000:]  # the preflight's request and the judgements
+    assert judge.api_key not in "".join(p.read_text(errors="replace") for p in all_files(out_dir))
 
 
 def test_customer_support_tools_gives_exact_count_of_valid_tool_conversations(out_dir: Path) -> None:

@@ -137,13 +137,13 @@ def test_a_node_checking_its_server_takes_no_shards_and_does_not_hold_up_the_dri
     import ray
 
     from sdg_job.cluster import Node, NodeServer
-    from sdg_job.endpoints import Endpoint
+    from sdg_job.endpoints import Endpoint, Routes
 
     ray.init(address=two_nodes["RAY_ADDRESS"])
     try:
         actor = NodeServer.remote(simulator_spec(extra_args=["--startup-s", "6"]), str(tmp_path))
         info = ray.get(actor.start.remote())
-        node = Node(Endpoint(info["endpoint"], None, "simulated", 1), 1, actor, info["node_id"], info=info)
+        node = Node(Routes({}, Endpoint(info["endpoint"], None, "simulated", 1)), 1, actor, info["node_id"], info=info)
         server = f"sdg_job.simulator .*--port {info['endpoint'].removesuffix('/v1').rsplit(':', 1)[1]} "
         os.kill(pids(server)[0], signal.SIGKILL)
         wait_for(lambda: not pids(server), timeout=30, what="the killed server to exit")  # kill() does not wait

@@ -145,17 +145,19 @@ def test_every_problem_is_listed(out_dir: Path) -> None:
     assert "more)" not in result.stderr
 
 
-def test_models_on_different_providers_need_a_choice(tmp_path: Path, out_dir: Path) -> None:
+def test_models_on_different_providers_each_go_to_their_own(tmp_path: Path, out_dir: Path) -> None:
+    """The step's DPO shape names a provider per model: one answer from a model at one, the other (and the judge,
+    which uses that alias too) at another, as the step runs them."""
     mixed = tmp_path / "mixed.yaml"
     mixed.write_text(
-        f"defaults: {STEP / 'sft.yaml'}\nmodels:\n"
-        "  - {alias: nvidia-text, model: m, provider: local-vllm}\n  - {alias: judge, model: j, provider: nvidia}\n"
+        f"defaults: {STEP / 'rl_pref.yaml'}\nmodels:\n"
+        "  - {alias: precise, model: m, provider: local-vllm}\n  - {alias: creative, model: c, provider: nvidia}\n"
     )
-    env = {"PWD": str(REPO)}
-    result = run_cli("validate", f"recipe={mixed}", out_dir=out_dir, env=env)
-    assert result.returncode == 2 and "nvidia-text: local-vllm, judge: nvidia" in result.stderr, result.stderr
-    chosen = run_cli("validate", f"recipe={mixed}", "provider=nvidia", out_dir=out_dir, env=env)
-    assert chosen.returncode == 0, chosen.stderr
+    recipe = load_recipe(str(mixed))
+    assert {a: recipe.provider_of(a) for a in recipe.models} == {"precise": "local-vllm", "creative": "nvidia"}
+    assert recipe.remote_providers == ["local-vllm", "nvidia"] and not recipe.serves_locally
+    everything = load_recipe(str(mixed), ["provider=nvidia"])  # the one-word switch still moves every model
+    assert {everything.provider_of(a) for a in everything.models} == {"nvidia"}
 
 
 def test_a_pasted_key_in_the_step_shape_is_refused_by_its_own_name(tmp_path: Path, out_dir: Path) -> None:

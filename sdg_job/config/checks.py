@@ -49,11 +49,14 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
     def report(key: str, message: str, where: str = source) -> None:
         found.append((where, key, message))
 
-    if recipe.provider == "local":
-        if recipe.serve is None:
-            report("serve", "provider: local needs a serve section (or use provider=openai|nvidia)")
-    elif recipe.provider not in recipe.providers:
+    if recipe.provider != "local" and recipe.provider not in recipe.providers:
         report("provider", f"no providers.{recipe.provider} entry (endpoint, api_key_env)")
+    for alias, model in recipe.models.items():
+        if model.provider not in (None, "local") and model.provider not in recipe.providers:
+            report(f"models.{alias}.provider", f"no providers.{model.provider} entry (endpoint, api_key_env)")
+    if recipe.serves_locally and recipe.serve is None:
+        local = ", ".join(a for a in recipe.models if recipe.provider_of(a) == "local")
+        report("serve", f"provider local ({local}) needs a serve section (or use provider=openai|nvidia)")
 
     fields: list[str] = []
     seed_known = True  # whether the seed's fields are known (else references cannot be checked)

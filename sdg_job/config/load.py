@@ -188,6 +188,11 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
         _drop_retyped(cfg, layered)
         cfg = _merge(cfg, layered, over)
     overrides = [o for o in overrides if not o.startswith("layer=")]
+    if any(o.startswith("provider=") for o in overrides):  # every model at once (`docker run … provider=openai`)
+        models = cfg.get("models")
+        for model in models.values() if isinstance(models, DictConfig) else ():
+            if isinstance(model, DictConfig) and "provider" in model:
+                model.provider = None
     apply_overrides(cfg, overrides, source)
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
@@ -200,7 +205,7 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
             data[section] = {k: v for k, v in data[section].items() if v is not None}
     refuse_secret_values(data, source)
     if "provider" not in data:
-        data["provider"] = _one_provider(data, source)
+        data["provider"] = _one_provider(data)
     recipe, broken = _validated(data, source, found)
     if recipe is None:
         raise all_problems(source, found)
@@ -260,18 +265,12 @@ def _problem_list(error: ValidationError) -> list[tuple[str, str]]:
     return found
 
 
-def _one_provider(data: dict, source: str) -> str | None:
-    """The step names a provider per model, and no recipe-wide one; the job sends all of a recipe's models to one."""
+def _one_provider(data: dict) -> str | None:
+    """The step names a provider per model, and no recipe-wide one: the recipe's default is the one its models name
+    (the first named, when they name several; each model keeps its own)."""
     models = data["models"] if isinstance(data.get("models"), dict) else {}
-    named = {alias: m.get("provider") for alias, m in models.items() if isinstance(m, dict)}
-    named = {alias: p for alias, p in named.items() if p and isinstance(p, str)}  # others: the schema's to refuse
-    if len(set(named.values())) == 1:
-        return next(iter(named.values()))
-    if len(set(named.values())) > 1:
-        listed = ", ".join(f"{alias}: {p}" for alias, p in named.items())
-        raise RecipeError(source, "provider", f"the models name different providers ({listed}); sdg-job sends all of a "
-                          "recipe's models to one: set provider=<name>")  # fmt: skip
-    return None
+    named = [m.get("provider") for m in models.values() if isinstance(m, dict)]
+    return next((p for p in named if p and isinstance(p, str)), None)  # others: the schema's to refuse
 
 
 def _absolutize(recipe: Recipe, path: Path) -> Recipe:

@@ -37,7 +37,9 @@ class InferenceParameters(Strict):
 class ModelSpec(Strict):
     model: str = Field(description="name at the remote provider; with provider: local the served model is used")
     provider: str | None = Field(
-        default=None, description="the Nemotron step's per-model provider; the recipe's `provider` decides for all"
+        default=None,
+        description="where this model's requests go: local (the job's own server) or an entry of `providers`; default: "
+        "the recipe's `provider`. `provider=NAME` on the command line sends every model there",
     )
     inference_parameters: InferenceParameters = InferenceParameters()
     skip_health_check: bool = Field(
@@ -375,6 +377,20 @@ class Recipe(Strict):
     output_projection: Projection
     filters: list[Filter] = []
     generation: Generation = Generation()
+
+    def provider_of(self, alias: str) -> str:
+        """Where a model's requests go: its own `provider`, else the recipe's."""
+        return self.models[alias].provider or self.provider
+
+    @property
+    def serves_locally(self) -> bool:
+        """Whether any model is served by the job's own servers (provider local)."""
+        return any(self.provider_of(alias) == "local" for alias in self.models)
+
+    @property
+    def remote_providers(self) -> list[str]:
+        """The remote providers the models use, each once."""
+        return sorted({p for p in map(self.provider_of, self.models) if p != "local"})
 
     @property
     def run_dir(self) -> Path:
