@@ -27,8 +27,9 @@ And a second: why requests failed. Data Designer drops a row whose request faile
 `request_errors` counts each failed request by cause (Data Designer's own classification of the provider's answer:
 auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said` and its
 name in `request_error_provider`. The same wrapper (one around each request) paces requests to a provider with a
-quota (`paces`, a turn of `providers.<name>.max_requests_per_minute` each); Data Designer's adaptive concurrency and
-its handling of Retry-After act only after a 429.
+quota (`paces`: a turn of `providers.<name>.max_requests_per_minute`, and with `max_tokens_per_minute` as many
+tokens as the prompt and max_tokens may take, settled with the usage the answer reports); Data Designer's adaptive
+concurrency and its handling of Retry-After act only after a 429.
 
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
 skipped with a warning, so an upgrade never runs patched code nobody checked against it.
@@ -37,6 +38,7 @@ skipped with a warning, so an upgrade never runs patched code nobody checked aga
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -53,7 +55,8 @@ cut_answers: set[str] = set()  # stripped texts of answers cut at max_tokens in 
 request_errors: Counter[str] = Counter()  # failed requests in this process by cause (generate clears it)
 request_error_said: dict[str, str] = {}  # the provider's message, one per cause
 request_error_provider: dict[str, str] = {}  # which provider (Data Designer's provider name) failed so, one per cause
-paces: dict[str, Any] = {}  # provider name → the job's endpoints.Pace actor, for providers with a quota
+# provider name → (the job's endpoints.Pace actor, whether it counts tokens), for providers with a quota
+paces: dict[str, tuple[Any, bool]] = {}
 
 
 def apply() -> bool:
@@ -170,25 +173,51 @@ def _observe_requests() -> None:
 
     completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
 
+    def tokens_asked(facade: ModelFacade, args: tuple, kwargs: dict) -> int:
+        """What a provider counts against a token quota before it answers: the prompt (~4 characters a token) and
+        the answer's max_tokens."""
+        messages = args[0] if args else kwargs.get("messages") or []
+        chars = sum(len(json.dumps(m.to_dict() if hasattr(m, "to_dict") else m, default=str)) for m in messages)
+        max_tokens = kwargs.get("max_tokens") or facade._model_config.inference_parameters.max_tokens or 0
+        return chars // 4 + int(max_tokens)
+
+    def settle(pace: Any, asked: int, response: Any) -> None:
+        """Tells the pacer what the request really took (fire and forget: the next reservation sees it)."""
+        usage = getattr(response, "usage", None)
+        used = (usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
+        pace.settle.remote(used - asked)
+
     def observed_completion(self, *args, **kwargs):
-        pace = paces.get(self.model_provider_name)
-        if pace is not None and (wait := ray.get(pace.reserve.remote())) > 0:
+        pace, counts_tokens = paces.get(self.model_provider_name, (None, False))
+        asked = tokens_asked(self, args, kwargs) if counts_tokens else 0
+        if pace is not None and (wait := ray.get(pace.reserve.remote(asked))) > 0:
             time.sleep(wait)
+        response = None
         try:
-            return note_cut(completion(self, *args, **kwargs))
+            response = note_cut(completion(self, *args, **kwargs))
+            return response
         except ProviderError as e:
             note_error(self, e)
             raise
+        finally:
+            if counts_tokens:
+                settle(pace, asked, response)
 
     async def observed_acompletion(self, *args, **kwargs):
-        pace = paces.get(self.model_provider_name)
-        if pace is not None and (wait := await pace.reserve.remote()) > 0:
+        pace, counts_tokens = paces.get(self.model_provider_name, (None, False))
+        asked = tokens_asked(self, args, kwargs) if counts_tokens else 0
+        if pace is not None and (wait := await pace.reserve.remote(asked)) > 0:
             await asyncio.sleep(wait)
+        response = None
         try:
-            return note_cut(await acompletion(self, *args, **kwargs))
+            response = note_cut(await acompletion(self, *args, **kwargs))
+            return response
         except ProviderError as e:
             note_error(self, e)
             raise
+        finally:
+            if counts_tokens:
+                settle(pace, asked, response)
 
     ModelFacade.completion = observed_completion  # type: ignore[method-assign]
     ModelFacade.acompletion = observed_acompletion  # type: ignore[method-assign]

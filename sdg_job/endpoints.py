@@ -37,6 +37,7 @@ class Endpoint:
     # service may refuse an unknown field with HTTP 400, which would lose every row).
     takes_template_kwargs: bool = True
     pace: Any = None  # a Pace actor every worker asks before each request, when the provider has a quota
+    paces_tokens: bool = False  # whether that quota counts tokens (each request then settles its usage)
     provider: str = "local"  # the recipe's name for it: local (the job's own server) or a `providers` entry
 
 
@@ -66,20 +67,29 @@ def route_models(recipe: Recipe, own: Endpoint | None, remote: dict[str, Endpoin
 
 
 class Pace:
-    """Spaces requests `1 / per_s` apart. One per job, as a Ray actor (`shared_pace`): every worker on every node
-    asks it for a turn before each request, so the provider's quota is shared by the workers that are busy, not
-    split evenly among all that might be."""
+    """Spaces requests so that a provider's quotas hold: `1 / per_s` apart for a request quota, and, for a token
+    quota, as far apart as each request's tokens take at `tokens_per_s`. One per provider and job, as a Ray actor
+    (`shared_pace`): every worker on every node asks it for a turn before each request, so the quota is shared by
+    the workers that are busy, not split evenly among all that might be."""
 
-    def __init__(self, per_s: float):
-        self.interval, self.next_at = 1.0 / per_s, 0.0
+    def __init__(self, per_s: float | None, tokens_per_s: float | None = None):
+        self.interval = 1.0 / per_s if per_s else 0.0
+        self.tokens_per_s = tokens_per_s
+        self.next_at = 0.0
 
-    def reserve(self) -> float:
-        """Takes the next free turn; returns how long to wait for it (a clock of this process: only the wait
-        crosses to the worker)."""
+    def reserve(self, tokens: int = 0) -> float:
+        """Takes the next free turn for a request of about `tokens`; returns how long to wait for it (a clock of
+        this process: only the wait crosses to the worker)."""
         now = time.monotonic()
         at = max(now, self.next_at)
-        self.next_at = at + self.interval
+        self.next_at = at + max(self.interval, tokens / self.tokens_per_s if self.tokens_per_s else 0.0)
         return at - now
+
+    def settle(self, tokens: int) -> None:
+        """A request took `tokens` more than it reserved (fewer if negative): later turns move by as much. What was
+        reserved and not used comes back only as far as now: a quota saved up is not spent in a burst."""
+        if self.tokens_per_s:
+            self.next_at = max(self.next_at + tokens / self.tokens_per_s, time.monotonic())
 
 
 def remote_endpoints(recipe: Recipe, parallel: int) -> dict[str, Endpoint]:
@@ -90,18 +100,23 @@ def remote_endpoints(recipe: Recipe, parallel: int) -> dict[str, Endpoint]:
 
 
 def shared_pace(recipe: Recipe, name: str) -> Any:
-    """The job's Pace actor for a provider's `max_requests_per_minute`, or None without a quota."""
+    """The job's Pace actor for a provider's `max_requests_per_minute` and `max_tokens_per_minute`, or None
+    without a quota."""
     import ray
 
-    quota = recipe.providers[name].max_requests_per_minute
-    return ray.remote(num_cpus=0)(Pace).remote(quota / 60) if quota else None
+    provider = recipe.providers[name]
+    requests, tokens = provider.max_requests_per_minute, provider.max_tokens_per_minute
+    if not (requests or tokens):
+        return None
+    return ray.remote(num_cpus=0)(Pace).remote(requests / 60 if requests else None, tokens / 60 if tokens else None)
 
 
 def remote_endpoint(recipe: Recipe, name: str, parallel: int, pace: Any = None) -> Endpoint:
     provider = recipe.providers[name]
     key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
     hosted_by_nvidia = name == "nvidia" or "api.nvidia.com" in provider.endpoint
-    return Endpoint(provider.endpoint, key_env, None, parallel, hosted_by_nvidia, pace, name)
+    counts_tokens = pace is not None and provider.max_tokens_per_minute is not None
+    return Endpoint(provider.endpoint, key_env, None, parallel, hosted_by_nvidia, pace, counts_tokens, name)
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:

@@ -245,7 +245,7 @@ def generate(
     dd_hotpath.request_errors.clear()
     dd_hotpath.request_error_said.clear()
     dd_hotpath.request_error_provider.clear()
-    dd_hotpath.paces = {e.provider: e.pace for e in routes.endpoints if e.pace is not None}
+    dd_hotpath.paces = {e.provider: (e.pace, e.paces_tokens) for e in routes.endpoints if e.pace is not None}
     counter = _TokenCounter()
     unsubscribe = subscribe_token_usage(counter)
     try:

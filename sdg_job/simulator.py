@@ -14,8 +14,8 @@ Faults and limits, as a test or a benchmark sets them:
 - `serves` names the only models it serves: a request for another gets vLLM's 404;
 - `key_file` holds the one key it accepts, read on every request: rewrite the file to revoke or rotate the key
   mid-run (OpenAI's 401 for any other);
-- `quota` requests per `quota_window_s`, a provider's rate limit: beyond it, 429 with the Retry-After that frees
-  a request.
+- `quota` requests and `token_quota` tokens (the prompt's, counted as it reports them, and max_tokens) per
+  `quota_window_s`, a provider's rate limits: beyond either, 429 with the Retry-After that frees room.
 `record` appends each request body to a JSONL file (what a test checks the client sent).
 
     python -m sdg_job.simulator --port 8000 --slots 64 --seconds-per-token 0.001 --fail-500 0.05
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+PROMPT_TOKENS = 10  # what every answer reports for its prompt, and what the token quota counts for it
 
 
 def schema_instance(schema: dict[str, Any], defs: dict[str, Any], rng: random.Random, n: int) -> Any:
@@ -68,10 +70,11 @@ class Simulator:
     def __init__(self, slots: int, seconds_per_token: float, prefill_s: float, faults: dict[str, float],
                  die_after: int | None, seed: int, record: str | None = None, cut_rate: float = 0.0,
                  serves: list[str] | None = None, key_file: str | None = None, quota: int | None = None,
-                 quota_window_s: float = 60.0):  # fmt: skip
+                 quota_window_s: float = 60.0, token_quota: int | None = None):  # fmt: skip
         self.serves, self.key_file = serves, key_file
-        self.quota, self.quota_window_s = quota, quota_window_s
-        self.admitted: collections.deque[float] = collections.deque()  # when each request in the window came in
+        self.quota, self.quota_window_s, self.token_quota = quota, quota_window_s, token_quota
+        # (when, tokens) of each request admitted in the window
+        self.admitted: collections.deque[tuple[float, int]] = collections.deque()
         self.cut_rate = cut_rate  # text answers reported as cut at max_tokens (finish_reason: length)
         self.record = open(record, "a", buffering=1) if record else None  # noqa: SIM115 (lives as long as the server)
         self.slots = asyncio.Semaphore(slots)
@@ -107,27 +110,30 @@ class Simulator:
             said = f"The model `{body.get('model')}` does not exist."
             return web.json_response({"object": "error", "message": said, "type": "NotFoundError", "code": 404},
                                      status=404)  # fmt: skip
-        if self.quota is not None:
-            now = time.monotonic()
-            while self.admitted and self.admitted[0] <= now - self.quota_window_s:
+        max_tokens = int(body.get("max_tokens") or 64)
+        if self.quota is not None or self.token_quota is not None:
+            now, tokens = time.monotonic(), PROMPT_TOKENS + max_tokens
+            while self.admitted and self.admitted[0][0] <= now - self.quota_window_s:
                 self.admitted.popleft()
-            if len(self.admitted) >= self.quota:
+            over_requests = self.quota is not None and len(self.admitted) >= self.quota
+            in_window = sum(t for _, t in self.admitted)
+            over_tokens = self.token_quota is not None and in_window + tokens > self.token_quota
+            if over_requests or over_tokens:
                 self.stats["errors"]["429"] = self.stats["errors"].get("429", 0) + 1
-                wait = self.admitted[0] + self.quota_window_s - now
+                wait = (self.admitted[0][0] + self.quota_window_s - now) if self.admitted else self.quota_window_s
                 error = {
-                    "message": "Rate limit reached for requests",
-                    "type": "requests",
+                    "message": f"Rate limit reached for {'requests' if over_requests else 'tokens'}",
+                    "type": "requests" if over_requests else "tokens",
                     "code": "rate_limit_exceeded",
                 }
                 return web.json_response({"error": error}, status=429, headers={"Retry-After": f"{wait:.3f}"})
-            self.admitted.append(now)
+            self.admitted.append((now, tokens))
         roll = self.rng.random()
         for status, rate in self.faults.items():
             if roll < rate:
                 self.stats["errors"][status] = self.stats["errors"].get(status, 0) + 1
                 return web.json_response({"error": {"message": f"simulated HTTP {status}"}}, status=int(status))
             roll -= rate
-        max_tokens = int(body.get("max_tokens") or 64)
         async with self.slots:
             self.stats["busy"] += 1
             self.stats["max_busy"] = max(self.stats["max_busy"], self.stats["busy"])
@@ -153,7 +159,8 @@ class Simulator:
             "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "simulated"),
             "choices": [{"index": 0, "finish_reason": finish, "message": message}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": max_tokens, "total_tokens": 10 + max_tokens},
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": max_tokens,
+                      "total_tokens": PROMPT_TOKENS + max_tokens},
         })  # fmt: skip
 
     async def health(self, request: web.Request) -> web.Response:
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--key-file", default=None, help="the one key accepted (read per request); others get HTTP 401")
     p.add_argument("--quota", type=int, default=None, help="requests per --quota-window-s; beyond it HTTP 429")
     p.add_argument("--quota-window-s", type=float, default=60.0)
+    p.add_argument("--token-quota", type=int, default=None, help="tokens per --quota-window-s; beyond it HTTP 429")
     a = p.parse_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         await asyncio.sleep(a.startup_s)
         serves = a.serves.split(",") if a.serves else None
         sim = Simulator(a.slots, a.seconds_per_token, a.prefill_s, faults, a.die_after, a.seed, a.record, a.cut_rate,
-                        serves, a.key_file, a.quota, a.quota_window_s)  # fmt: skip
+                        serves, a.key_file, a.quota, a.quota_window_s, a.token_quota)  # fmt: skip
         runner = web.AppRunner(sim.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()

@@ -190,3 +190,25 @@ def test_a_request_quota_costs_time_never_records(out_dir: Path, tmp_path: Path)
     manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
     assert manifest["dropped"] == {} and manifest["status"] == "complete"
     assert refused >= 1 and manifest["request_errors"].get("rate_limited", 0) == refused  # the quota did bite
+
+
+def test_a_token_quota_told_to_the_job_is_kept_without_429s(out_dir: Path, tmp_path: Path) -> None:
+    """The SIMULATED server with a token quota (prompt + max_tokens per request, 420 tokens per 2 s, 429 beyond it)
+    and the job told 0.9 of it as providers.openai.max_tokens_per_minute: the shared pacer reserves each request's
+    estimate (prompt ~4 characters a token, max_tokens) and settles with the usage it reports, so the job stays under
+    the quota instead of bouncing off it; exactly N, nothing dropped."""
+    quota = ["--token-quota", "420", "--quota-window-s", "2"]
+    with Server(simulator_spec(seconds_per_token=0.001, extra_args=quota), tmp_path / "sim.log") as sim:
+        result = run_cli("run", "recipe=tiny", "provider=openai", "num_records=10", "generation.shard_size=5",
+                         "models.text.inference_parameters.max_tokens=32",
+                         f"providers.openai.max_tokens_per_minute={0.9 * 420 * 30:g}",
+                         out_dir=out_dir, env={"OPENAI_BASE_URL": sim.endpoint})  # fmt: skip
+        stats = httpx.get(sim.url + "/stats").json()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_jsonl(out_dir / "tiny.jsonl")) == 10
+    manifest = json.loads((out_dir / "tiny.manifest.json").read_text())
+    assert manifest["dropped"] == {} and manifest["status"] == "complete"
+    assert stats["errors"].get("429", 0) <= 1, stats["errors"]  # paced under it, not retried into it
+    done = sorted(stats["completions"])
+    rate = (stats["ok"] - 1) * (10 + 32) / (done[-1] - done[0])  # tokens per second over the run
+    assert rate <= 420 / 2 * 1.05, rate

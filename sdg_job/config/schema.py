@@ -69,6 +69,12 @@ class ProviderSpec(Strict):
         description="the provider's request quota: the job's workers share it and pace their requests to stay under "
         "it (without it, a 429's Retry-After and Data Designer's adaptive concurrency are what pace them)",
     )
+    max_tokens_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        description="the provider's token quota (prompt and answer): each request reserves its prompt's estimate (4 "
+        "characters a token) and its max_tokens before it is sent, and settles with the usage the provider reports",
+    )
     preflight: bool = Field(
         default=True,
         description="probe each model with a 1-token chat completion before the job starts: a wrong key, an unserved "
