@@ -40,6 +40,11 @@ exec 9>"$cache/.$name.lock"
 flock 9  # a second build started meanwhile waits, then finds the cache
 if cached; then echo "$prefix"; exit 0; fi
 
+if [[ ! -f "$vendor/SHA256SUMS" ]]; then
+  echo "error: no vendored enroot/pyxis sources at $vendor (a clone finds them at ../shared/vendor beside it;" \
+    "elsewhere set SDG_VENDOR_DIR to the directory holding the tarballs and SHA256SUMS)" >&2
+  exit 1
+fi
 sums="$(grep -E "  (enroot-$ENROOT_VERSION|pyxis-$PYXIS_VERSION)\.tar\.gz\$" "$vendor/SHA256SUMS" || true)"
 if [[ "$(grep -c . <<<"$sums")" != 2 ]] || ! (cd "$vendor" && sha256sum --quiet --check <<<"$sums") >&2; then
   echo "error: enroot-$ENROOT_VERSION.tar.gz and pyxis-$PYXIS_VERSION.tar.gz in $vendor do not match its SHA256SUMS" >&2
