@@ -60,11 +60,34 @@ def test_the_smoke_child_inherits_the_sft_config(endpoint, out_dir: Path) -> Non
 
 
 @pytest.mark.e2e
-def test_dpo_with_two_aliases_and_a_judge_schema(endpoint, out_dir: Path) -> None:
-    records = run_step("rl_pref", out_dir, endpoint)
+def test_dpo_with_two_aliases_on_two_providers_and_a_judge_schema(endpoint, tmp_path: Path, out_dir: Path) -> None:
+    """The step's DPO config as the step runs it with its aliases at two providers (each its own llama-server with
+    its own key): every alias's requests go to its provider's endpoint."""
+    serve = load_recipe("tiny").serve
+    assert serve is not None
+    two = tmp_path / "rl_pref.yaml"
+    two.write_text(
+        f"defaults: {STEP / 'rl_pref.yaml'}\nproviders:\n"
+        "  - {name: local-vllm, endpoint: '${oc.env:OPENAI_BASE_URL}', api_key: OPENAI_API_KEY}\n"
+        "  - {name: second-vllm, endpoint: '${oc.env:SECOND_BASE_URL}', api_key: SECOND_KEY}\n"
+        "models:\n"
+        "  - {alias: precise, model: m, provider: local-vllm, inference_parameters: {max_tokens: 64}}\n"
+        "  - {alias: creative, model: m, provider: second-vllm, inference_parameters: {max_tokens: 64}}\n"
+    )
+    with Server(serve, tmp_path / "second.log") as second:
+        env = endpoint | {"SECOND_BASE_URL": second.endpoint, "SECOND_KEY": second.api_key}
+        result = run_cli("run", f"recipe={two}", "generation.keep_truncated=true", out_dir=out_dir, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out_dir / "rl_pref.jsonl")
     assert len(records) == 3
     assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in records)
     assert all(r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant" for r in records)
+    manifest = json.loads((out_dir / "rl_pref.manifest.json").read_text())
+    for shard in manifest["shards"]:
+        assert shard["endpoints"] == {"precise": endpoint["OPENAI_BASE_URL"], "creative": second.endpoint}, shard
+    assert manifest["usage"]["creative"]["requests"] >= 3 and manifest["usage"]["precise"]["requests"] >= 6
+    written = "".join(p.read_text(errors="replace") for p in all_files(out_dir))
+    assert endpoint["OPENAI_API_KEY"] not in written and second.api_key not in written
 
 
 @pytest.mark.e2e
