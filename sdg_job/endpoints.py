@@ -1,6 +1,7 @@
-"""Where a shard's requests go: the endpoint (the node's own server, or a remote provider), how many requests it
-keeps in flight there, and, for a remote provider, a preflight that finds a wrong key, a model the endpoint does not
-serve or an endpoint nobody answers at before any work starts, and says which.
+"""Where a shard's requests go: each model alias's endpoint (the node's own server, or the model's remote provider),
+how many requests it keeps in flight there, and, for each remote provider, a preflight that finds a wrong key, a model
+the endpoint does not serve or an endpoint nobody answers at before any work starts, and says which; the pacing to its
+quotas; and the watch that stops a job whose endpoint fails for good.
 
 The key never leaves the environment: an endpoint carries the NAME of the variable that holds it.
 """
