@@ -107,6 +107,11 @@ def guided_schema(recipe: Recipe, name: str, column: LLMStructuredColumn | LLMJu
     return structured_schema(column)
 
 
+def guided_alias(alias: str, column: str) -> str:
+    """The model alias of a structured or judge column whose schema goes to the server (`response_format`)."""
+    return f"{alias}__{column}"
+
+
 def build_config(recipe: Recipe, routes: Routes, seed_rows: list[dict] | None):
     """Data Designer config for one shard. Structured and judge columns get a model alias of their own whose
     `extra_body.response_format` carries the column's schema, so the server decodes valid JSON (guided decoding);
@@ -165,7 +170,7 @@ def build_config(recipe: Recipe, routes: Routes, seed_rows: list[dict] | None):
         elif isinstance(col, (LLMStructuredColumn, LLMJudgeColumn)):
             alias = col.model_alias
             if recipe.generation.guided_decoding:
-                alias = f"{col.model_alias}__{name}"
+                alias = guided_alias(col.model_alias, name)
                 schema = guided_schema(recipe, name, col)
                 response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
                 add_model(alias, col.model_alias, {"response_format": response_format})
@@ -202,9 +207,10 @@ def flag_cut_answers(recipe: Recipe, rows: list[dict[str, Any]], cut: set[str]) 
 
 class _TokenCounter:
     """Sums Data Designer's token-usage events (one per answered request) for the duration of one create(), in all
-    and per model alias of the recipe (a structured column's own alias, `<alias>__<column>`, counts as its model's)."""
+    and per model alias of the recipe (a structured column's own alias counts as its model's: `recipe_alias`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recipe_alias: dict[str, str]) -> None:
+        self.recipe_alias = recipe_alias
         self.input = self.output = 0
         self.by_alias: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
@@ -213,7 +219,8 @@ class _TokenCounter:
         with self._lock:
             self.input += event.input_tokens
             self.output += event.output_tokens
-            usage = self.by_alias.setdefault(event.model_alias.split("__")[0], Counter())
+            alias = self.recipe_alias.get(event.model_alias, event.model_alias)
+            usage = self.by_alias.setdefault(alias, Counter())
             usage.update(requests=1, input_tokens=event.input_tokens, output_tokens=event.output_tokens)
 
 
@@ -246,7 +253,9 @@ def generate(
     dd_hotpath.request_error_said.clear()
     dd_hotpath.request_error_provider.clear()
     dd_hotpath.paces = {e.provider: (e.pace, e.paces_tokens) for e in routes.endpoints if e.pace is not None}
-    counter = _TokenCounter()
+    guided = {guided_alias(c.model_alias, name): c.model_alias for name, c in recipe.columns.items()
+              if isinstance(c, (LLMStructuredColumn, LLMJudgeColumn))}  # fmt: skip
+    counter = _TokenCounter(guided)
     unsubscribe = subscribe_token_usage(counter)
     try:
         result = designer.create(builder, num_records=num_records, dataset_name="shard")
