@@ -44,7 +44,9 @@ def connect(run_dir: Path) -> None:
     else:
         # address="local": a new cluster even if another one runs on this machine (Ray would join that one).
         # Ray says on every start that it chose token auth, its default; a newcomer's first screen needs not.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled")
+        )
         ray.init(address="local", num_cpus=os.cpu_count(), resources={NODE_RESOURCE: 1}, include_dashboard=False,
                  **common)  # fmt: skip
 

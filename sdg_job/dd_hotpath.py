@@ -38,6 +38,7 @@ skipped with a warning, so an upgrade never runs patched code nobody checked aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -182,10 +183,15 @@ def _observe_requests() -> None:
         return chars // 4 + int(max_tokens)
 
     def settle(pace: Any, asked: int, response: Any) -> None:
-        """Tells the pacer what the request really took (fire and forget: the next reservation sees it)."""
+        """Tells the pacer what the request really took (fire and forget: the next reservation sees it). Without a
+        reported usage the estimate stands; a failed request took nothing (a 429 is not counted against the quota).
+        Never raises: a pacer gone at shutdown must not replace the answer or the request's own error."""
         usage = getattr(response, "usage", None)
+        if response is not None and not (usage and (usage.total_tokens or usage.input_tokens or usage.output_tokens)):
+            return
         used = (usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
-        pace.settle.remote(used - asked)
+        with contextlib.suppress(Exception):
+            pace.settle.remote(used - asked)
 
     def observed_completion(self, *args, **kwargs):
         pace, counts_tokens = paces.get(self.model_provider_name, (None, False))

@@ -62,7 +62,7 @@ class Routes:
 
 def route_models(recipe: Recipe, own: Endpoint | None, remote: dict[str, Endpoint]) -> Routes:
     """Each alias to its endpoint: `own` (the node's server) for provider local, else its entry in `remote`."""
-    by_alias = {alias: remote.get(recipe.provider_of(alias)) or own for alias in recipe.models}
+    by_alias = {a: own if recipe.provider_of(a) == "local" else remote[recipe.provider_of(a)] for a in recipe.models}
     assert all(by_alias.values()), "a model served locally without a server of the job's own"
     return Routes(by_alias, own)  # type: ignore[arg-type]
 
@@ -76,25 +76,29 @@ class Pace:
     def __init__(self, per_s: float | None, tokens_per_s: float | None = None):
         self.interval = 1.0 / per_s if per_s else 0.0
         self.tokens_per_s = tokens_per_s
-        self.next_at = 0.0
+        # One clock per quota: a token refund must not bring the next request closer than the request quota allows.
+        self.request_at = self.tokens_at = 0.0
 
     def reserve(self, tokens: int = 0) -> float:
         """Takes the next free turn for a request of about `tokens`; returns how long to wait for it (a clock of
         this process: only the wait crosses to the worker)."""
         now = time.monotonic()
-        at = max(now, self.next_at)
-        self.next_at = at + max(self.interval, tokens / self.tokens_per_s if self.tokens_per_s else 0.0)
+        at = max(now, self.request_at, self.tokens_at)
+        self.request_at = at + self.interval
+        if self.tokens_per_s:
+            self.tokens_at = at + tokens / self.tokens_per_s
         return at - now
 
     def settle(self, tokens: int) -> None:
-        """A request took `tokens` more than it reserved (fewer if negative): later turns move by as much. What was
-        reserved and not used comes back only as far as now: a quota saved up is not spent in a burst."""
+        """A request took `tokens` more than it reserved (fewer if negative): later turns of the token quota move by
+        as much. What was reserved and not used comes back only as far as now: a quota saved up is not spent in a
+        burst."""
         if self.tokens_per_s:
-            self.next_at = max(self.next_at + tokens / self.tokens_per_s, time.monotonic())
+            self.tokens_at = max(self.tokens_at + tokens / self.tokens_per_s, time.monotonic())
 
 
 def remote_endpoints(recipe: Recipe, parallel: int) -> dict[str, Endpoint]:
-    """An endpoint for each remote provider the models use; one Pace actor for each with a request quota."""
+    """An endpoint for each remote provider the models use; one Pace actor for each with a request or token quota."""
     return {
         name: remote_endpoint(recipe, name, parallel, shared_pace(recipe, name)) for name in recipe.remote_providers
     }

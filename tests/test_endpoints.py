@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sdg_job.config import load_recipe
-from sdg_job.endpoints import preflight
+from sdg_job.config import load_recipe, recipe_hash
+from sdg_job.endpoints import Pace, preflight
 from sdg_job.errors import RecipeError
 from sdg_job.serve import Server, free_port, simulator_spec
 from tests.conftest import REPO, read_jsonl, run_cli, start_cli, wait_for
@@ -212,3 +212,26 @@ def test_a_token_quota_told_to_the_job_is_kept_without_429s(out_dir: Path, tmp_p
     done = sorted(stats["completions"])
     rate = (stats["ok"] - 1) * (10 + 32) / (done[-1] - done[0])  # tokens per second over the run
     assert rate <= 420 / 2 * 1.05, rate
+
+
+def test_a_token_refund_never_brings_requests_closer_than_the_request_quota(monkeypatch) -> None:
+    """Both quotas at once (found in review): refunds of unused tokens move the token clock only."""
+    now = [100.0]
+    monkeypatch.setattr("sdg_job.endpoints.time.monotonic", lambda: now[0])
+    pace = Pace(per_s=1.0, tokens_per_s=100.0)  # 60 requests and 6,000 tokens a minute
+    waits = []
+    for _ in range(5):
+        waits.append(pace.reserve(50))  # 0.5 s of the token quota each
+        pace.settle(-40)  # each used only 10 of them
+    assert waits == [0.0, 1.0, 2.0, 3.0, 4.0]  # one a second: the request quota holds
+    tokens_only = Pace(per_s=None, tokens_per_s=100.0)
+    assert [tokens_only.reserve(200) for _ in range(3)] == [0.0, 2.0, 4.0]  # 200 tokens take 2 s each
+
+
+def test_quotas_and_the_preflight_are_not_part_of_what_a_run_generates() -> None:
+    """Lowering a quota after a burst of 429s, or turning the preflight off, resumes the same run dir."""
+    base = ["provider=openai", "providers.openai.endpoint=http://x/v1"]
+    same = recipe_hash(load_recipe("tiny", base))
+    for change in ("max_requests_per_minute=30", "max_tokens_per_minute=9000", "preflight=false"):
+        assert recipe_hash(load_recipe("tiny", [*base, f"providers.openai.{change}"])) == same, change
+    assert recipe_hash(load_recipe("tiny", [*base, "models.text.model=another"])) != same  # what it generates

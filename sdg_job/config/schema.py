@@ -39,7 +39,7 @@ class ModelSpec(Strict):
     provider: str | None = Field(
         default=None,
         description="where this model's requests go: local (the job's own server) or an entry of `providers`; default: "
-        "the recipe's `provider`. `provider=NAME` on the command line sends every model there",
+        "the recipe's `provider`. `provider=NAME` on the command line moves every model the recipe files place",
     )
     inference_parameters: InferenceParameters = InferenceParameters()
     skip_health_check: bool = Field(
@@ -433,6 +433,7 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 OPERATIONAL_SERVE_KEYS = ("host", "first_start_timeout_s", "startup_timeout_s", "hang_timeout_s", "threads",
                           "max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size", "data_parallel_size",
                           "vllm_command", "env")  # fmt: skip
+OPERATIONAL_PROVIDER_KEYS = ("max_requests_per_minute", "max_tokens_per_minute", "preflight")
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -444,4 +445,7 @@ def recipe_hash(recipe: Recipe) -> str:
     data.pop("generation", None)
     for key in OPERATIONAL_SERVE_KEYS:
         (data.get("serve") or {}).pop(key, None)
+    for provider in (data.get("providers") or {}).values():  # quotas and the preflight pace and check a provider:
+        for key in OPERATIONAL_PROVIDER_KEYS:  # lowering a quota after a burst of 429s keeps the finished shards
+            provider.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
