@@ -33,7 +33,7 @@ lint: install
 
 # Two pytest-xdist workers, one module (or the modules sharing a cluster) each at a time (tests/conftest.py: units,
 # longest first): the cluster tests mostly wait, so the model tests use the cores meanwhile. Each llama-server a test
-# starts takes one thread under xdist. Measured on a fresh clone here: ~40 min, against ~66 in one process
+# starts takes one thread under xdist. Measured on a fresh clone here: ~31 min (idle), against ~66 in one process
 # (TEST_WORKERS=0).
 TEST_WORKERS ?= 2
 
