@@ -187,9 +187,9 @@ def _observe_requests() -> None:
         reported usage the estimate stands; a failed request took nothing (a 429 is not counted against the quota).
         Never raises: a pacer gone at shutdown must not replace the answer or the request's own error."""
         usage = getattr(response, "usage", None)
-        if response is not None and not (usage and (usage.total_tokens or usage.input_tokens or usage.output_tokens)):
-            return
         used = (usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
+        if response is not None and not used:
+            return
         with contextlib.suppress(Exception):
             pace.settle.remote(used - asked)
 

@@ -97,10 +97,12 @@ class Pace:
             self.tokens_at = max(self.tokens_at + tokens / self.tokens_per_s, time.monotonic())
 
 
-def remote_endpoints(recipe: Recipe, parallel: int) -> dict[str, Endpoint]:
-    """An endpoint for each remote provider the models use; one Pace actor for each with a request or token quota."""
+def remote_endpoints(recipe: Recipe, parallel: int, paced: bool = True) -> dict[str, Endpoint]:
+    """An endpoint for each remote provider the models use; `paced` (a job on Ray, not a preview): one Pace actor for
+    each with a request or token quota."""
     return {
-        name: remote_endpoint(recipe, name, parallel, shared_pace(recipe, name)) for name in recipe.remote_providers
+        name: remote_endpoint(recipe, name, parallel, shared_pace(recipe, name) if paced else None)
+        for name in recipe.remote_providers
     }
 
 

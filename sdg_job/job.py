@@ -34,7 +34,6 @@ from sdg_job.endpoints import (
     concurrency,
     failing_message,
     preflight,
-    remote_endpoint,
     remote_endpoints,
     route_models,
 )
@@ -491,7 +490,7 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
 def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Routes]:
     """Preview path: the job's own server (if any model is served locally) in this process, no Ray."""
     workers, parallel = concurrency(recipe)
-    remote = {name: remote_endpoint(recipe, name, parallel) for name in recipe.remote_providers}
+    remote = remote_endpoints(recipe, parallel, paced=False)
     if not recipe.serves_locally:
         yield route_models(recipe, None, remote)
         return
