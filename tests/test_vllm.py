@@ -51,9 +51,9 @@ def test_tiny_on_vllm_survives_a_killed_server(vllm_home: str, tmp_path: Path, o
     recipe = vllm_recipe(
         tmp_path,
         "tiny",
-        "num_records: 20\ngeneration: {keep_truncated: true}\n"
+        "num_records: 20\ngeneration: {keep_truncated: true, shard_size: 10, workers_per_node: 1}\n"
         "models: {text: {inference_parameters: {max_tokens: 48}}}\n",
-    )  # short answers: fast
+    )  # short answers: fast. One worker, two shards: the kill after the first commit lands while the second needs vLLM
     env = {"SDG_VLLM_CPU_HOME": vllm_home, "SDG_TEST_RUN": marker}
     proc = start_cli("run", f"recipe={recipe}", out_dir=out_dir, env=env)
     try:
