@@ -256,7 +256,7 @@ if variant == "fixed":
     dd_hotpath.apply()
 r = load_recipe("default", [f"models.text.inference_parameters.max_tokens={max_tokens}"])
 rows = (read_seed_rows(r.seed_dataset.path) * 1000)[:n]
-server = route_models(r, Endpoint(url + "/v1", None, "simulated", in_flight), {})
+server = route_models(r, {"server": Endpoint(url + "/v1", None, "simulated", in_flight)}, {})
 if warmup:
     generate(r, server, warmup, rows[:warmup], work / "warm")
 cpu = time.process_time()
@@ -342,8 +342,7 @@ def real_server(engine: str, records: int, repeats: int, rows: list[Row], tmp: P
         recipe = load_recipe(str(layered))
     else:
         recipe = load_recipe("tiny")
-    assert recipe.serve is not None
-    spec = recipe.serve
+    (spec,) = recipe.servers.values()
     if engine == "llama_cpp":
         spec = spec.model_copy(update={"extra_args": ["--metrics"]})
     max_tokens, concurrency, model = 64, spec.capacity, spec.served_model_name

@@ -164,14 +164,34 @@ def _made(m: dict) -> str:
         f"- recipe: `{m['recipe_file']}` (sha256 `{m['recipe_sha256']}`)",
         f"- provider: `{m['provider']}`",
     ]
+    usage = m.get("usage") or {}
     for alias, model in m.get("models", {}).items():
         params = {k: x for k, x in (model.get("inference_parameters") or {}).items() if x is not None}
-        extra = "".join(f", {k} {model[k]}" for k in ("provider", "reasoning") if model.get(k))
+        extra = "".join(f", {k} {model[k]}" for k in ("provider", "server", "reasoning") if model.get(k))
+        if used := usage.get(alias):
+            extra += (f", {used.get('requests', 0)} requests ({used.get('input_tokens', 0)} tokens in, "
+                      f"{used.get('output_tokens', 0)} out)")  # fmt: skip
         lines.append(f"- model `{alias}`: `{model['model']}`{extra}, inference parameters `{json.dumps(params)}`")
+    if servers := _servers(m.get("servers") or []):
+        lines.append(f"- servers: {servers}")
     if seed := m.get("seed"):
         name = str(seed["path"]).rsplit("/", 1)[-1]
         lines.append(f"- seed: `{name}` (sha256 `{seed['sha256']}`, {seed['rows']} rows, {seed['strategy']})")
     return "\n".join(lines)
+
+
+def _servers(servers: list[dict]) -> str:
+    """The job's own servers, as every node ran them: `2 node(s) × gen (vllm: precise, creative) + judge (…)`, or
+    `2 node(s) × vllm` for the one server of a single `serve:` section."""
+    per_node: dict[str, list[str]] = {}
+    for s in servers:
+        name, aliases = s.get("name", "server"), ", ".join(s.get("aliases") or [])
+        what = s["engine"] if name == "server" else f"{name} ({s['engine']}: {aliases})"
+        per_node.setdefault(s.get("node_id") or "", []).append(what)
+    if not per_node:
+        return ""
+    layouts = sorted({" + ".join(names) for names in per_node.values()})
+    return f"{len(per_node)} node(s) × " + "; ".join(layouts)
 
 
 def _kind(reason: str) -> str:

@@ -1,8 +1,8 @@
-"""Ray: one server actor per node, shard tasks pinned to the node whose server they use.
+"""Ray: one server actor per node (owning the node's servers), shard tasks pinned to the node whose servers they use.
 
 A node takes part when it offers the custom resource `sdg_node` (`ray start --resources='{"sdg_node": 1}'`);
-each server actor claims the whole unit, so there is exactly one per node. The server binds to the node's
-loopback, so a shard task must run on its server's node: NodeAffinitySchedulingStrategy does that.
+each server actor claims the whole unit, so there is exactly one per node. The servers bind to the node's
+loopback, so a shard task must run on its servers' node: NodeAffinitySchedulingStrategy does that.
 Without RAY_ADDRESS the driver starts a local one-node cluster; with it, it joins. Same code path.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdg_job.config import Recipe, ServeSpec
-from sdg_job.endpoints import Endpoint, Routes, route_models
+from sdg_job.endpoints import Endpoint, Routes, own_endpoint, route_models
 from sdg_job.errors import JobError, RecipeError
 from sdg_job.plan import Shard
-from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe
+from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe, split_gpus
 from sdg_job.shard import run_shard
 from sdg_job.store import RunStore
 
@@ -70,58 +71,84 @@ def wait_for_node_slots(expected: int, timeout_s: float) -> int:
     return count
 
 
-def check_gpus(spec: ServeSpec) -> None:
-    """Ray would wait forever to place a server actor that asks for more GPUs than its node has: say so instead."""
-    needed = spec.gpus
+def check_gpus(servers: dict[str, ServeSpec]) -> None:
+    """Ray would wait forever to place a node's server actor that asks for more GPUs than its node has: say so
+    instead, with each server's share."""
+    needed = sum(spec.gpus for spec in servers.values())
     if not needed:
         return
+    several = len(servers) > 1
+    shares = " + ".join(
+        f"{name + ' ' if several else ''}{spec.tensor_parallel_size} × {spec.data_parallel_size}"
+        for name, spec in servers.items()
+        if spec.gpus
+    )
     for node in ray.nodes():
         resources = node.get("Resources", {})
         if node.get("Alive") and resources.get(NODE_RESOURCE, 0) >= 1 and resources.get("GPU", 0) < needed:
             raise RecipeError(
-                "serve",
+                "serve.servers" if several else "serve",
                 "tensor_parallel_size × data_parallel_size",
-                f"{spec.tensor_parallel_size} × {spec.data_parallel_size} = {needed} GPUs per server, but node "
-                f"{node.get('NodeManagerHostname')} ({node['NodeID'][:8]}) offers {resources.get('GPU', 0):g}; Ray "
-                f"resources seen there: {dict(sorted(resources.items()))}. To try the recipe on this machine's CPU "
-                "with the embedded model, add layer=cpu",
+                f"{shares} = {needed} GPUs per node, but node {node.get('NodeManagerHostname')} "
+                f"({node['NodeID'][:8]}) offers {resources.get('GPU', 0):g}; Ray resources seen there: "
+                f"{dict(sorted(resources.items()))}. To try the recipe on this machine's CPU with the embedded model, "
+                "add layer=cpu",
             )
 
 
 @ray.remote(num_cpus=0, resources={NODE_RESOURCE: 1}, max_restarts=0)
 class NodeServer:
-    """Owns the one LLM server of its node: start, health, restart after a crash, stop."""
+    """Owns its node's LLM servers, one per entry of `recipe.servers`: start, health, restart after a crash, stop.
+    They share the node's per-job API key; each runs on its own share of the GPUs Ray reserved for the actor."""
 
-    def __init__(self, spec: ServeSpec, logs_dir: str):
+    def __init__(self, servers: dict[str, ServeSpec], logs_dir: str):
         self.node_id = ray.get_runtime_context().get_node_id()
-        log_path = Path(logs_dir) / f"server-{socket.gethostname()}-{self.node_id[:8]}.log"
-        self.server = Server(spec, log_path)
+        key = secrets.token_urlsafe(24)
+        gpus = [str(g) for g in ray.get_gpu_ids()]  # what Ray reserved for this actor (its CUDA_VISIBLE_DEVICES)
+        if gpus:
+            servers = split_gpus(servers, gpus)
+        self.servers: dict[str, Server] = {}
+        for name, spec in servers.items():
+            label = "" if len(servers) == 1 else f"{name}-"
+            log_path = Path(logs_dir) / f"server-{label}{socket.gethostname()}-{self.node_id[:8]}.log"
+            self.servers[name] = Server(spec, log_path, api_key=key)
 
-    def start(self) -> dict:
-        self.server.start()
+    def start(self) -> list[dict]:
+        """Every server at once (a vLLM start takes minutes), then each health-gated."""
+        for server in self.servers.values():
+            server.launch()
+        for server in self.servers.values():
+            server.wait_healthy()
         return self.info()
 
-    def info(self) -> dict:
-        # On Slurm, the node the server runs on by Slurm's name (hosts can carry several Slurm nodes).
+    def info(self) -> list[dict]:
+        """One entry per server. On Slurm, the node it runs on by Slurm's name (hosts can carry several nodes)."""
         slurm_node = os.environ.get("SLURMD_NODENAME")
-        return {
-            "node_id": self.node_id,
-            "host": socket.gethostname(),
-            "slurm_node": slurm_node,
-            **describe(self.server),
-        }
+        return [
+            {
+                "node_id": self.node_id,
+                "host": socket.gethostname(),
+                "slurm_node": slurm_node,
+                "name": name,
+                "aliases": server.spec.aliases,
+                **describe(server),
+            }  # fmt: skip
+            for name, server in self.servers.items()
+        ]
 
     def api_key(self) -> str:
-        return self.server.api_key
+        return next(iter(self.servers.values())).api_key
 
-    def ensure_alive(self) -> int:
-        """Restart the server if its process has died or hung; returns how often it has been restarted."""
-        if not self.server.alive() or self.server.hung():
-            self.server.restart()
-        return self.server.restarts
+    def ensure_alive(self) -> dict[str, int]:
+        """Restart each server whose process has died or hung; returns how often each has been restarted."""
+        for server in self.servers.values():
+            if not server.alive() or server.hung():
+                server.restart()
+        return {name: server.restarts for name, server in self.servers.items()}
 
-    def stop(self) -> dict:
-        self.server.stop()
+    def stop(self) -> list[dict]:
+        for server in self.servers.values():
+            server.stop()
         return self.info()
 
 
@@ -130,8 +157,8 @@ def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], routes: Rout
                run_dir: str, attempt: int) -> dict:  # fmt: skip
     if api_key:
         os.environ[API_KEY_ENV] = api_key
-    own = routes.own
-    check = (lambda: answers_health(own.url.removesuffix("/v1"))) if own else None
+    own = list(routes.own.values())
+    check = (lambda: all(answers_health(e.url.removesuffix("/v1")) for e in own)) if own else None
     node_id = ray.get_runtime_context().get_node_id()
     store = RunStore(Path(run_dir))
     # Data Designer's log for this shard goes to the run dir, not to the driver's terminal.
@@ -156,7 +183,7 @@ class Node:
     actor: Any = None
     node_id: str | None = None
     api_key: str | None = field(default=None, repr=False)
-    info: dict = field(default_factory=dict)
+    info: list[dict] = field(default_factory=list)  # what the manifest records of each of its servers
     inflight: int = 0
     health_ref: Any = None
     last_check: float = 0.0
@@ -198,7 +225,9 @@ class Node:
         """The result of an ensure_alive call. If the actor died or could not restart the server, the node is out
         of service. An actor that is only unreachable for now is asked again at the next check."""
         try:
-            self.info["restarts"] = ray.get(health_ref)
+            restarts = ray.get(health_ref)
+            for server in self.info:
+                server["restarts"] = restarts[server["name"]]
             self.recovering = False
         except ray.exceptions.ActorUnavailableError:
             self.last_check = 0.0  # ask again at once
@@ -206,7 +235,9 @@ class Node:
             self._out_of_service(e.cause if isinstance(e, ray.exceptions.RayTaskError) else e)
 
     def _out_of_service(self, cause: BaseException) -> None:
-        self.lost = self.info["lost"] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+        self.lost = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+        for server in self.info:
+            server["lost"] = self.lost
         log.warning("node %s is out of service: %s", self.node_id, self.lost)
 
     def watch(self, interval: float = 5.0) -> None:
@@ -229,36 +260,39 @@ class Node:
 
 
 def start_node_servers(
-    recipe: Recipe, logs_dir: Path, workers_per_node: int, parallel: int, remote: dict[str, Endpoint]
+    recipe: Recipe, logs_dir: Path, workers_per_node: int, remote: dict[str, Endpoint]
 ) -> list[Node]:
-    """One NodeServer per node slot in the cluster, all started in parallel and health-gated. Each node's shards
-    send the models with provider local to its server, the others to their provider (`remote`)."""
-    assert recipe.serve is not None
+    """One NodeServer per node slot in the cluster, each starting every server of `recipe.servers`, all in parallel
+    and health-gated. Each node's shards send the models with provider local to their server on that node, the
+    others to their provider (`remote`)."""
     count = wait_for_node_slots(
         int(os.environ.get("SDG_EXPECTED_NODES", "1")), float(os.environ.get("SDG_WAIT_S", 900))
     )
-    spec = recipe.serve
-    check_gpus(spec)
-    # vLLM's GPUs are reserved for the actor, so Ray sets CUDA_VISIBLE_DEVICES for the server it starts.
-    actors = [NodeServer.options(num_gpus=spec.gpus).remote(spec, str(logs_dir)) for _ in range(count)]  # type: ignore[attr-defined]
+    servers = recipe.servers
+    check_gpus(servers)
+    # vLLM's GPUs are reserved for the actor, which hands each server its share in CUDA_VISIBLE_DEVICES.
+    gpus = sum(spec.gpus for spec in servers.values())
+    actors = [NodeServer.options(num_gpus=gpus).remote(servers, str(logs_dir)) for _ in range(count)]  # type: ignore[attr-defined]
     t0 = time.monotonic()
     infos = ray.get([a.start.remote() for a in actors])
-    log.info("%d %s server(s) healthy in %.1fs", count, recipe.serve.engine, time.monotonic() - t0)
+    engines = ", ".join(sorted({spec.engine for spec in servers.values()}))
+    log.info("%d %s server(s) healthy in %.1fs", count * len(servers), engines, time.monotonic() - t0)
     nodes = []
     for actor, info in zip(actors, infos, strict=True):
-        own = Endpoint(info["endpoint"], API_KEY_ENV, recipe.serve.served_model_name, parallel)
+        own = {s["name"]: own_endpoint(recipe, s["name"], s["endpoint"], workers_per_node) for s in info}
         key = ray.get(actor.api_key.remote())
-        nodes.append(Node(route_models(recipe, own, remote), workers_per_node, actor, info["node_id"], key, info))
+        nodes.append(Node(route_models(recipe, own, remote), workers_per_node, actor, info[0]["node_id"], key, info))
     return nodes
 
 
 def stop_node_servers(nodes: list[Node]) -> list[dict]:
-    """Stop every node's server; returns what the manifest records of each. The actor's own count of restarts
-    is the final one: a watchdog check still pending when the job ended may have restarted a server."""
+    """Stop every node's servers; returns what the manifest records of each server. The actor's own count of
+    restarts is the final one: a watchdog check still pending when the job ended may have restarted a server."""
     stopping = [(n, n.actor.stop.remote()) for n in nodes if n.actor is not None]
     for node, ref in stopping:
         try:
-            node.info |= ray.get(ref, timeout=60)
+            stopped = ray.get(ref, timeout=60)
+            node.info = [{**old, **new} for old, new in zip(node.info, stopped, strict=True)]
         except Exception as e:  # a lost node: keep what the driver last heard from it
-            log.warning("could not stop the server on node %s: %s", node.node_id, e)
-    return [n.info for n in nodes if n.info]
+            log.warning("could not stop the servers on node %s: %s", node.node_id, e)
+    return [server for n in nodes for server in n.info]

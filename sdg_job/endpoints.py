@@ -12,13 +12,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from sdg_job.config import ProviderSpec, Recipe
 from sdg_job.errors import RecipeError
+from sdg_job.serve import API_KEY_ENV
 
 log = logging.getLogger("sdg_job.endpoints")
 REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
@@ -44,27 +45,40 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Routes:
-    """Where each model alias of a shard sends its requests: the node's own server (`own`) for the models with
-    provider local, their provider's endpoint for the others. A recipe may mix both: a generator served on the
-    nodes beside a judge at a hosted provider."""
+    """Where each model alias of a shard sends its requests: the node's own servers (`own`, by server name) for the
+    models with provider local, each to the server that serves it, their provider's endpoint for the others. A
+    recipe may mix both: a generator served on the nodes beside a judge at a hosted provider."""
 
     by_alias: dict[str, Endpoint]
-    own: Endpoint | None = None
+    own: dict[str, Endpoint] = field(default_factory=dict)
 
     def __getitem__(self, alias: str) -> Endpoint:
         return self.by_alias[alias]
 
     @property
     def endpoints(self) -> list[Endpoint]:
-        """Each endpoint once: the node's own server first."""
-        return list(dict.fromkeys([*([self.own] if self.own else []), *self.by_alias.values()]))
+        """Each endpoint once: the node's own servers first."""
+        return list(dict.fromkeys([*self.own.values(), *self.by_alias.values()]))
 
 
-def route_models(recipe: Recipe, own: Endpoint | None, remote: dict[str, Endpoint]) -> Routes:
-    """Each alias to its endpoint: `own` (the node's server) for provider local, else its entry in `remote`."""
-    by_alias = {a: own if recipe.provider_of(a) == "local" else remote[recipe.provider_of(a)] for a in recipe.models}
-    assert all(by_alias.values()), "a model served locally without a server of the job's own"
-    return Routes(by_alias, own)  # type: ignore[arg-type]
+def route_models(recipe: Recipe, own: dict[str, Endpoint], remote: dict[str, Endpoint]) -> Routes:
+    """Each alias to its endpoint: its server in `own` (the node's servers, by name) for provider local, else its
+    provider's entry in `remote`."""
+
+    def endpoint(alias: str) -> Endpoint:
+        provider = recipe.provider_of(alias)
+        return own[recipe.server_of(alias)] if provider == "local" else remote[provider]
+
+    return Routes({alias: endpoint(alias) for alias in recipe.models}, own)
+
+
+def own_endpoint(recipe: Recipe, server: str, url: str, workers: int) -> Endpoint:
+    """The endpoint of one of the job's own servers on a node: its served model, and each worker's share of the
+    server's capacity (`concurrency`)."""
+    spec = recipe.servers[server]
+    capacity = recipe.generation.max_parallel_requests or spec.capacity
+    name = "local" if len(recipe.servers) == 1 else f"local:{server}"  # one Data Designer provider each
+    return Endpoint(url, API_KEY_ENV, spec.served_model_name, worker_share(capacity, workers), provider=name)
 
 
 class Pace:
@@ -137,12 +151,20 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     record (Data Designer scans its connection pool on every request) but lets the server drain at the end of
     the job: saturation 0.89-0.96 against 0.99. The server's time is what costs, so workers stay few and full.
     """
-    gen, serve = recipe.generation, recipe.serve
-    # With a model served on the nodes, their server sets the pace (a remote judge beside it takes as many).
-    served_here = serve.capacity if recipe.serves_locally and serve is not None else REMOTE_CONCURRENCY
-    capacity = gen.max_parallel_requests or served_here
+    gen = recipe.generation
+    # With models served on the nodes, their servers set the pace (a remote judge beside them takes as many). A
+    # shard's requests go to one server at a time (Data Designer runs a batch column by column): enough shards to
+    # fill all of a node's servers at once.
+    each = gen.max_parallel_requests  # a server's capacity, when the recipe says better than serve: does
+    capacity = sum(each or spec.capacity for spec in recipe.servers.values()) or each or REMOTE_CONCURRENCY
     workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
-    return workers, max(1, math.ceil(capacity / max(workers - 1, 1)))
+    return workers, worker_share(capacity, workers)
+
+
+def worker_share(capacity: int, workers: int) -> int:
+    """Requests in flight per worker at a server of `capacity`: one worker is in its shard's tail, the others fill
+    it."""
+    return max(1, math.ceil(capacity / max(workers - 1, 1)))
 
 
 # ---------------------------------------------------------------- an endpoint failing at run time
@@ -192,9 +214,10 @@ class EndpointWatch:
 
 
 def failing_message(recipe: Recipe, e: EndpointFailing) -> str:
-    name = e.provider if e.provider in (*recipe.providers, "local") else recipe.provider
-    if name == "local":
-        where = "the job's own server"
+    local, _, server = e.provider.partition(":")  # local:NAME: one of several servers per node
+    name = e.provider if e.provider in recipe.providers or local == "local" else recipe.provider
+    if name.partition(":")[0] == "local":
+        where = f"the job's own server {server}" if server else "the job's own server"
         fix = "see its log under the run dir's logs/"
     else:
         provider = recipe.providers[name]

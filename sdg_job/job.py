@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import signal
 import sys
 import tempfile
@@ -24,15 +25,15 @@ from typing import Any
 import numpy as np
 
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
-from sdg_job.config import Recipe, check_output_path, recipe_dict, recipe_hash
+from sdg_job.config import Recipe, ServeGroup, check_output_path, recipe_dict, recipe_hash
 from sdg_job.endpoints import (
     REQUEST_CAUSES,
-    Endpoint,
     EndpointFailing,
     EndpointWatch,
     Routes,
     concurrency,
     failing_message,
+    own_endpoint,
     preflight,
     remote_endpoints,
     route_models,
@@ -42,7 +43,7 @@ from sdg_job.lease import LEASE_FILE, Lease
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
 from sdg_job.seeds import file_sha256, load_seeds
-from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged
+from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged, split_gpus
 from sdg_job.shard import run_shard
 from sdg_job.store import RunStore, atomic_write, fsync_dir
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
@@ -56,8 +57,10 @@ RSS_UNITS_PER_MB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrs
 def check_outside(recipe: Recipe, source: str) -> None:
     """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
     servers; for each remote provider, the key and an endpoint that answers for its models (endpoints.preflight)."""
-    if recipe.serves_locally and recipe.serve is not None:
-        check_weights_staged(recipe.serve)
+    for name, spec in recipe.servers.items():
+        check_weights_staged(
+            spec, f"serve.servers.{name}.model" if isinstance(recipe.serve, ServeGroup) else "serve.model"
+        )
     preflight(recipe, source)
 
 
@@ -207,7 +210,6 @@ class Job:
         request_errors: Counter[str] = Counter()
         for x in summaries.values():
             request_errors.update(x.get("request_errors") or {})
-        served = recipe.serve.served_model_name if recipe.serve else None
         return {
             "status": status,
             "recipe": recipe.name,
@@ -216,14 +218,7 @@ class Job:
             "resolved_recipe": recipe_dict(recipe),
             "seed": self._seed_info(),
             "provider": recipe.provider,
-            "models": {
-                alias: {
-                    **m.model_dump(mode="json"),
-                    "provider": recipe.provider_of(alias),
-                    "model": served if recipe.provider_of(alias) == "local" else m.model,
-                }
-                for alias, m in recipe.models.items()
-            },
+            "models": {alias: model_entry(recipe, alias) for alias in recipe.models},
             "servers": server_info,
             "versions": versions(),
             "output_path": str(recipe.output_path),
@@ -258,8 +253,9 @@ class Job:
         if counts is None or not len(counts):
             return None
         p50, p95 = np.percentile(counts, [50, 95], method="higher")
-        return {"tokenizer": tokenizer_name(self.recipe.serve), "records": len(counts), "min": int(counts.min()),
-                "p50": int(p50), "p95": int(p95), "max": int(counts.max())}  # fmt: skip
+        server = self.recipe.counting_server
+        return {"tokenizer": tokenizer_name(self.recipe.servers[server] if server else None), "records": len(counts),
+                "min": int(counts.min()), "p50": int(p50), "p95": int(p95), "max": int(counts.max())}  # fmt: skip
 
     def _seed_info(self) -> dict | None:
         seed = self.recipe.seed_dataset
@@ -311,6 +307,18 @@ def output_layouts(out: Path) -> list[Path]:
     parts = re.compile(rf"{re.escape(out.stem)}-\d{{5,}}-of-\d{{5,}}{re.escape(out.suffix)}")
     found = [p for p in out.parent.iterdir() if parts.fullmatch(p.name)]
     return [out, *found] if out.exists() else found
+
+
+def model_entry(recipe: Recipe, alias: str) -> dict[str, Any]:
+    """What the manifest says of a model: where its requests went; a served one by the name it was served under
+    (and, with several servers per node, which of them)."""
+    entry = {**recipe.models[alias].model_dump(mode="json"), "provider": recipe.provider_of(alias)}
+    if entry["provider"] == "local":
+        server = recipe.server_of(alias)
+        entry["model"] = recipe.servers[server].served_model_name
+        if isinstance(recipe.serve, ServeGroup):
+            entry["server"] = server
+    return entry
 
 
 def usage_by_alias(summaries) -> dict[str, dict[str, int]]:
@@ -434,10 +442,10 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
             signals.install()
             timings["ray_ready"] = time.monotonic() - t0
             remote = remote_endpoints(recipe, parallel)
-            if recipe.serves_locally:
-                nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, parallel, remote)
+            if recipe.servers:
+                nodes = cluster.start_node_servers(recipe, job.store.logs_dir, workers, remote)
             else:
-                nodes = [cluster.Node(route_models(recipe, None, remote), workers * max(1, cluster.node_slots()))]
+                nodes = [cluster.Node(route_models(recipe, {}, remote), workers * max(1, cluster.node_slots()))]
             timings["servers_ready"] = time.monotonic() - t0
             timings["driver_cpu_startup"] = time.process_time() - cpu0
             with JobProgress(recipe.num_records) as progress:
@@ -487,18 +495,27 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
 
 
 @contextlib.contextmanager
-def _in_process_server(recipe: Recipe, logs_dir: Path) -> Iterator[Routes]:
-    """Preview path: the job's own server (if any model is served locally) in this process, no Ray."""
-    workers, parallel = concurrency(recipe)
+def _in_process_servers(recipe: Recipe, logs_dir: Path) -> Iterator[Routes]:
+    """Preview path: the job's own servers (if any model is served locally) in this process, no Ray."""
+    _, parallel = concurrency(recipe)
     remote = remote_endpoints(recipe, parallel, paced=False)
-    if not recipe.serves_locally:
-        yield route_models(recipe, None, remote)
-        return
-    assert recipe.serve is not None
-    with Server(recipe.serve, logs_dir / "server.log") as server:
-        os.environ[API_KEY_ENV] = server.api_key
+    key = secrets.token_urlsafe(24)
+    specs = recipe.servers
+    if len(specs) > 1 and any(spec.gpus for spec in specs.values()):  # each its own GPUs, as on a node of the job
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(sum(spec.gpus for spec in specs.values()))]
+        specs = split_gpus(specs, ids)
+    with contextlib.ExitStack() as stack:
+        servers = {name: Server(spec, logs_dir / f"{name}.log", api_key=key) for name, spec in specs.items()}
+        for server in servers.values():
+            server.launch()
+            stack.callback(server.stop)
+        own = {}
+        for name, server in servers.items():
+            server.wait_healthy()
+            own[name] = own_endpoint(recipe, name, server.endpoint, 1)  # one worker: the whole capacity
+        os.environ[API_KEY_ENV] = key
         try:
-            own = Endpoint(server.endpoint, API_KEY_ENV, recipe.serve.served_model_name, parallel * workers)
             yield route_models(recipe, own, remote)
         finally:
             os.environ.pop(API_KEY_ENV, None)
@@ -513,6 +530,6 @@ def preview(recipe: Recipe, source: str, count: int = 3) -> tuple[list[dict], di
         seed_rows, strategy = load_seeds(recipe.seed_dataset)
         size = min(count, recipe.num_records)
         shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
-        with _in_process_server(recipe, store.logs_dir) as shard_routes:
+        with _in_process_servers(recipe, store.logs_dir) as shard_routes:
             summary = run_shard(recipe, shard, [seed_rows[i] for i in shard.seed_rows], shard_routes, store)
         return store.records(shard.id), summary["dropped"]

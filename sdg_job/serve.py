@@ -104,7 +104,23 @@ def hub_cache(env: dict[str, str]) -> Path:
     return Path(env.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
 
 
-def check_weights_staged(spec: ServeSpec) -> None:
+def split_gpus(servers: dict[str, ServeSpec], ids: list[str]) -> dict[str, ServeSpec]:
+    """Each server's share of a node's GPUs `ids`, in its CUDA_VISIBLE_DEVICES: the next `spec.gpus` of them in
+    order (neighbours, for tensor parallel), none for a server that needs none (a CUDA build of llama-server would
+    take memory on vLLM's GPUs). A server whose own `env` names its GPUs keeps them."""
+    ids = sorted(ids, key=lambda i: (len(i), i))  # "2" before "10"
+    if sum(spec.gpus for spec in servers.values()) > len(ids):
+        raise JobError(f"the servers need {sum(s.gpus for s in servers.values())} GPUs, this node offers {len(ids)}")
+    shares = {}
+    for name, spec in servers.items():
+        share, ids = ids[: spec.gpus], ids[spec.gpus :]
+        if "CUDA_VISIBLE_DEVICES" not in spec.env:
+            spec = spec.model_copy(update={"env": {**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(share)}})
+        shares[name] = spec
+    return shares
+
+
+def check_weights_staged(spec: ServeSpec, key: str = "serve.model") -> None:
     """Offline (HF_HUB_OFFLINE=1), vLLM can only load weights already staged in the hub cache: name the model and
     the cache before any server starts, instead of a start-up failure per node deep in each server's log."""
     env = {**os.environ, **spec.env}
@@ -114,14 +130,14 @@ def check_weights_staged(spec: ServeSpec) -> None:
         local = Path(spec.model).expanduser() if spec.model.startswith(("/", ".", "~")) else None
         cache = hub_cache(env)
     except RuntimeError as e:  # ~nosuchuser
-        raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"serve.model / HF_HOME: {e}") from None
+        raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"{key} / HF_HOME: {e}") from None
     if local is not None:
         if not local.is_dir():
-            raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"serve.model {spec.model} is not a directory")
+            raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"{key} {spec.model} is not a directory")
         return
     if not any((cache / f"models--{spec.model.replace('/', '--')}" / "snapshots").glob("*/config.json")):
         stage = f"stage it once on shared storage: HF_HOME={cache.parent} hf download {spec.model}"
-        message = f"serve.model {spec.model} is not staged in {cache}; {stage}"
+        message = f"{key} {spec.model} is not staged in {cache}; {stage}"
         raise RecipeError("environment", "HF_HUB_OFFLINE=1", message)
 
 
@@ -186,6 +202,13 @@ class Server:
         return f"{self.url}/v1"
 
     def start(self) -> Server:
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to be healthy. From the thread that owns the server: the
+        kernel ends the process when the thread that started it exits (PR_SET_PDEATHSIG), not only its process."""
         self.port = self.port or free_port(self.spec.host)
         self.argv, key_env = server_command(self.spec, self.port)
         env = {**os.environ, **self.spec.env, key_env: self.api_key}
@@ -200,8 +223,6 @@ class Server:
             preexec_fn=_die_with_parent,
         )
         log.close()
-        self.wait_healthy()
-        return self
 
     def wait_healthy(self) -> None:
         # The first start may download weights and compile kernels; a restart loads what is already local.
@@ -279,7 +300,9 @@ class Server:
 
 def describe(server: Server) -> dict:
     """What the manifest records: argv and endpoint, never the key."""
-    return {"engine": server.spec.engine, "argv": server.argv, "endpoint": server.endpoint, "restarts": server.restarts}
+    gpus = server.spec.env.get("CUDA_VISIBLE_DEVICES")  # its share, when the node's servers split the GPUs
+    return {"engine": server.spec.engine, "argv": server.argv, "endpoint": server.endpoint, "restarts": server.restarts,
+            **({"gpus": gpus.split(",") if gpus else []} if gpus is not None else {})}  # fmt: skip
 
 
 if __name__ == "__main__":  # `python -m sdg_job.serve` builds/locates llama-server (used by the Makefile)

@@ -38,7 +38,8 @@ def run_shard(
     work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
     result = generate(recipe, routes, shard.size, seed_rows or None, work_dir)
     if server_ok is not None and not server_ok():
-        raise ServerUnavailable(f"{routes.own.url if routes.own else 'the server'} stopped answering during {shard.id}")
+        urls = ", ".join(e.url for e in routes.own.values()) or "the server"
+        raise ServerUnavailable(f"{urls} stopped answering during {shard.id}")
     labels = scaffolding_labels(recipe)
     records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters, labels)
     dropped.update(result.reasons)
@@ -56,7 +57,7 @@ def run_shard(
         "engine_load_cpu_s": round(engine_load_cpu, 3),  # once per worker process
         "retries": attempt,
         "random_seed": shard.random_seed,
-        "endpoint": routes.endpoints[0].url,  # the node's own server, if any models are served there
+        "endpoint": routes.endpoints[0].url,  # the node's (first) own server, if any models are served there
         "endpoints": {alias: e.url for alias, e in routes.by_alias.items()},
         "worker": f"{os.uname().nodename}:{os.getpid()}",
         "node_id": node_id,
@@ -67,7 +68,10 @@ def run_shard(
         "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
     }
     # Counted by the job's own server, which knows the model's tokenizer (a remote provider exposes none).
-    tokens = record_tokens(recipe.serve, routes.own, recipe.output_projection, records) if routes.own else None
+    server = recipe.counting_server
+    tokens = None
+    if server is not None and server in routes.own:
+        tokens = record_tokens(recipe.servers[server], routes.own[server], recipe.output_projection, records)
     committed = store.commit(shard.id, records, summary, tokens)
     shutil.rmtree(work_dir, ignore_errors=True)
     return committed

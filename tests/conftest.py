@@ -29,6 +29,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # recipe's serve.threads still wins). Two servers of two threads each on two cores spin in each other's way.
     os.environ.setdefault("LLAMA_ARG_THREADS", "1")
 
+# tiny with its question asked by a second served model (alias asker): two servers on every node, the same GGUF.
+TWO_SERVERS = ("models.asker.model=asker", "columns.user_message.model_alias=asker",
+               "serve.servers.writer.aliases=[text]", "serve.servers.asker.aliases=[asker]",
+               "serve.servers.asker.served_model_name=asker")  # fmt: skip
+
 
 def unit_of(nodeid: str) -> str:
     module = Path(nodeid.split("::")[0]).stem

@@ -49,6 +49,33 @@ CASES = {
     "bad_sampler_params": (["columns.persona.params.values=[]"], {}, "columns.persona.params"),
     "sampler_that_downloads": (["columns.persona.sampler_type=person"], {}, "columns.persona.sampler_type"),
     "local_provider_without_serve": (["serve=null"], {}, "serve"),
+    "server_of_an_unknown_alias": (["serve.servers.a.aliases=[ghost]"], {}, "serve.servers.a.aliases: unknown"),
+    "local_model_no_server_serves": (
+        ["models.asker.model=x", "columns.user_message.model_alias=asker", "serve.servers.a.aliases=[text]"],
+        {},
+        "models.asker: provider local, but no server serves it",
+    ),
+    "alias_on_two_servers": (
+        ["serve.servers.a.aliases=[text]", "serve.servers.b.aliases=[text]"],
+        {},
+        "serve.servers.b.aliases: text is served by a already",
+    ),
+    "server_name_not_a_name": (
+        ["recipe={tmp}/two.yaml"],
+        {"two.yaml": "defaults: [tiny]\nserve:\n  servers:\n    '../x': {aliases: [text]}\n"},
+        "server name '../x'",
+    ),
+    "server_key_of_another_kind": (
+        ["serve.servers.a.aliases=[text]", "serve.servers.a.extra_args={k: 1}"],
+        {},
+        "serve.servers.a.extra_args",
+    ),
+    "hub_id_for_llama_cpp": (["recipe=rl_pref", "layer=judge", "layer=cpu"], {}, "serve.servers.judge.model"),
+    "server_key_out_of_range": (
+        ["serve.servers.a.aliases=[text]", "serve.servers.a.tensor_parallel_size=0"],
+        {},
+        "serve.servers.a.tensor_parallel_size",
+    ),
     "unknown_provider": (["provider=azure"], {}, "provider"),
     "missing_env_interpolation": (["output_dir=${oc.env:SURELY_UNSET_VAR_42}"], {}, "output_dir"),
     "override_without_equals": (["justaword"], {}, "justaword"),

@@ -16,6 +16,7 @@ from sdg_job.config import (
     recipe_hash,
 )
 from sdg_job.errors import RecipeError
+from tests.conftest import TWO_SERVERS
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ["default", "tiny", "rl_pref", "customer_support_tools"]
@@ -149,5 +150,45 @@ def test_a_layer_on_the_command_line_serves_any_recipe_on_the_cpu() -> None:
         assert recipe.serve is not None and recipe.serve.engine == "llama_cpp" and recipe.serve.gpus == 0, ref
     assert load_recipe("rl_pref", ["layer=cpu", "serve.parallel=2"]).serve.parallel == 2
     assert load_recipe("rl_pref", ["serve.parallel=2", "layer=cpu"]).serve.parallel == 2  # overrides after layers
-    with pytest.raises(RecipeError, match=r"layer: no layer 'gpu' \(the shipped ones: cpu, fp8, vllm_cpu\)"):
+    with pytest.raises(RecipeError, match=r"layer: no layer 'gpu' \(the shipped ones: cpu, fp8, judge, vllm_cpu\)"):
         load_recipe("rl_pref", ["layer=gpu"])
+
+
+def test_several_servers_inherit_the_keys_beside_them_and_each_serves_its_aliases() -> None:
+    recipe = load_recipe("tiny", [*TWO_SERVERS, "serve.threads=1", "serve.servers.asker.parallel=2"])
+    writer, asker = recipe.servers["writer"], recipe.servers["asker"]
+    assert list(recipe.servers) == ["writer", "asker"]
+    # layers/cpu's keys (under tiny) and the command line's reach both; a server's own keys win.
+    assert writer.engine == asker.engine == "llama_cpp" and writer.model == asker.model == "embedded"
+    assert writer.threads == asker.threads == 1 and (writer.parallel, asker.parallel) == (4, 2)
+    assert (writer.served_model_name, asker.served_model_name) == ("smollm2-135m", "asker")
+    assert (recipe.server_of("text"), recipe.server_of("asker")) == ("writer", "asker")
+    # A single serve: section is one server for every local model, and its identity is what it was.
+    single = load_recipe("tiny")
+    assert list(single.servers) == ["server"] and single.servers["server"].aliases == ["text"]
+    assert recipe_hash(load_recipe("tiny", ["serve.aliases=[]"])) == recipe_hash(single)
+    # How a server runs is operational (resume keeps the shards); what it serves is not.
+    assert recipe_hash(load_recipe("tiny", [*TWO_SERVERS, "serve.servers.asker.threads=2"])) == recipe_hash(
+        load_recipe("tiny", TWO_SERVERS)
+    )
+    assert recipe_hash(load_recipe("tiny", [*TWO_SERVERS, "serve.servers.asker.served_model_name=other"])) != (
+        recipe_hash(load_recipe("tiny", TWO_SERVERS))
+    )
+    undone = load_recipe("tiny", [*TWO_SERVERS, "serve.servers=null"])  # how a file undoes a layer's servers
+    assert list(undone.servers) == ["server"] and undone.servers["server"].aliases == ["text", "asker"]
+    # Models at a remote provider need no server: only the local ones are served.
+    mixed = load_recipe("tiny", [*TWO_SERVERS[:2], "models.asker.provider=nvidia"])
+    assert list(mixed.servers) == ["server"] and mixed.servers["server"].aliases == ["text"]
+
+
+def test_the_judge_layer_splits_an_8_gpu_node_between_generator_and_judge() -> None:
+    recipe = load_recipe("rl_pref", ["layer=judge"])
+    generator, judge = recipe.servers["generator"], recipe.servers["judge"]
+    assert generator.aliases == ["precise", "creative"] and judge.aliases == ["judge"]
+    assert generator.gpus + judge.gpus == 8 and (judge.tensor_parallel_size, judge.data_parallel_size) == (2, 2)
+    assert generator.model == load_recipe("rl_pref").servers["server"].model  # inherited: Nemotron-3-Nano
+    assert "--enable-expert-parallel" in generator.extra_args and judge.extra_args == ["--trust-remote-code"]
+    assert recipe.models["judge"].reasoning is None and recipe.columns["preference"].system_prompt == "/no_think"
+    # A server whose models all go to a remote provider is not started; with every model remote, none is.
+    assert list(load_recipe("rl_pref", ["layer=judge", "models.judge.provider=nvidia"]).servers) == ["generator"]
+    assert load_recipe("rl_pref", ["layer=judge", "provider=openai"]).servers == {}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sdg_job.serve import Server, simulator_spec
-from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, wait_for
+from tests.conftest import TWO_SERVERS, processes_with_env, read_jsonl, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 # Two servers share this machine's cores: one thread each, or llama.cpp's spinning threads starve each other.
@@ -141,9 +141,10 @@ def test_a_node_checking_its_server_takes_no_shards_and_does_not_hold_up_the_dri
 
     ray.init(address=two_nodes["RAY_ADDRESS"])
     try:
-        actor = NodeServer.remote(simulator_spec(extra_args=["--startup-s", "6"]), str(tmp_path))
-        info = ray.get(actor.start.remote())
-        node = Node(Routes({}, Endpoint(info["endpoint"], None, "simulated", 1)), 1, actor, info["node_id"], info=info)
+        actor = NodeServer.remote({"sim": simulator_spec(extra_args=["--startup-s", "6"])}, str(tmp_path))
+        (info,) = infos = ray.get(actor.start.remote())
+        own = {"sim": Endpoint(info["endpoint"], None, "simulated", 1)}
+        node = Node(Routes({}, own), 1, actor, info["node_id"], info=infos)
         server = f"sdg_job.simulator .*--port {info['endpoint'].removesuffix('/v1').rsplit(':', 1)[1]} "
         os.kill(pids(server)[0], signal.SIGKILL)
         wait_for(lambda: not pids(server), timeout=30, what="the killed server to exit")  # kill() does not wait
@@ -151,7 +152,7 @@ def test_a_node_checking_its_server_takes_no_shards_and_does_not_hold_up_the_dri
         node.recover(RuntimeError("a shard failed"))
         assert time.monotonic() - started < 1 and not node.accepts()
         wait_for(lambda: (node.watch(), node.accepts())[1], timeout=120, what="the restarted server")
-        assert time.monotonic() - started >= 6 and node.info["restarts"] == 1
+        assert time.monotonic() - started >= 6 and info["restarts"] == 1
     finally:
         ray.shutdown()
 
@@ -195,12 +196,26 @@ def test_http_errors_are_counted_and_topped_up(out_dir: Path, tmp_path: Path) ->
         assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 40
 
 
-def test_a_node_with_too_few_gpus_for_its_server_stops_the_job_with_both_numbers(two_nodes, out_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("servers", "shares"),
+    [
+        (["serve.data_parallel_size=2"], "serve: tensor_parallel_size × data_parallel_size: 1 × 2 = 2 GPUs per node"),
+        (
+            # asker inherits data_parallel_size 8 from the default recipe's serve:, as a server does
+            [*TWO_SERVERS, "serve.servers.writer.data_parallel_size=2", "serve.servers.asker.tensor_parallel_size=2"],
+            "serve.servers: tensor_parallel_size × data_parallel_size: writer 1 × 2 + asker 2 × 8 = 18 GPUs per node",
+        ),
+    ],
+    ids=["one_server", "two_servers"],
+)
+def test_a_node_with_too_few_gpus_for_its_servers_stops_the_job_with_both_numbers(
+    two_nodes, out_dir: Path, servers: list[str], shares: str
+) -> None:
     """Ray would wait forever to place a vLLM server actor asking for GPUs its node lacks (these nodes have none):
-    the job says so before starting any server. No vLLM is needed: nothing is started."""
-    result = run_cli("run", "recipe=tiny", "serve.engine=vllm", "serve.model=some/model", "serve.data_parallel_size=2",
+    the job says so before starting any server, with each server's share. No vLLM is needed: nothing is started."""
+    result = run_cli("run", "recipe=tiny", "serve.engine=vllm", "serve.model=some/model", *servers,
                      out_dir=out_dir, env=two_nodes | {"SDG_EXPECTED_NODES": "2"}, timeout=300)  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "1 × 2 = 2 GPUs per server" in result.stderr and "offers 0" in result.stderr, result.stderr[-2000:]
+    assert shares in result.stderr and "offers 0" in result.stderr, result.stderr[-2000:]
     assert "sdg_node" in result.stderr and "Traceback" not in result.stderr  # the Ray resources seen are named
     assert not list(out_dir.glob("*.jsonl"))

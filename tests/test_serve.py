@@ -18,6 +18,7 @@ from sdg_job.serve import (
     llama_server_command,
     server_command,
     simulator_spec,
+    split_gpus,
     vllm_command,
 )
 
@@ -111,3 +112,17 @@ def test_offline_weights_must_be_staged_before_any_server_starts(tmp_path: Path,
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     check_weights_staged(serve)
+
+
+def test_each_server_of_a_node_gets_its_own_gpus_in_order() -> None:
+    """What the node's actor hands each server of `serve.servers` from the GPUs Ray reserved for it (in the order
+    Ray lists them, which is not numeric): neighbours for tensor parallel, none for a server that needs none."""
+    servers = {**load_recipe("rl_pref", ["layer=judge"]).servers, "cpu": simulator_spec()}
+    shares = split_gpus(servers, ["7", "2", "0", "3", "1", "6", "5", "4"])
+    assert {name: spec.env["CUDA_VISIBLE_DEVICES"] for name, spec in shares.items()} == {
+        "generator": "0,1,2,3", "judge": "4,5,6,7", "cpu": ""
+    }  # fmt: skip
+    pinned = {**servers, "judge": servers["judge"].model_copy(update={"env": {"CUDA_VISIBLE_DEVICES": "9,8,7,6"}})}
+    assert split_gpus(pinned, [str(i) for i in range(8)])["judge"].env["CUDA_VISIBLE_DEVICES"] == "9,8,7,6"
+    with pytest.raises(JobError, match="need 8 GPUs, this node offers 4"):
+        split_gpus(servers, ["0", "1", "2", "3"])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from sdg_job.serve import free_port
-from tests.conftest import REPO, all_files, processes_with_env, read_jsonl, wait_for
+from tests.conftest import REPO, TWO_SERVERS, all_files, processes_with_env, read_jsonl, wait_for
 
 pytestmark = pytest.mark.e2e
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
@@ -136,6 +136,35 @@ def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> 
     for path in all_files(tmp_path):  # the key travelled by name only
         assert SECRET not in path.read_text(errors="replace"), path
     assert not processes_with_env("SLURM_JOB_ID", job_id)  # Slurm ended the Ray steps, and every server
+
+
+def test_two_servers_on_each_node_each_serve_their_own_alias(slurm, tmp_path: Path) -> None:
+    """`serve.servers`: every Slurm node starts both llama-servers (one asks the question, one answers it: the same
+    GGUF under two served names); each alias's requests go to its own server on the shard's node. Exactly N."""
+    job_id = launch(slurm, tmp_path, cluster_profile(job_dir=tmp_path / "cluster"), job=(*JOB, *TWO_SERVERS))
+    state = wait_until_done(slurm, job_id)
+    (job_dir,) = {p.parent.parent for p in (tmp_path / "cluster").rglob("sdg/tiny.jsonl")}
+    assert state["JobState"] == "COMPLETED", (job_dir / "logs" / "driver.log").read_text()[-3000:]
+    manifest = assert_exactly_n_unique_from_both_nodes(job_dir)
+    servers = manifest["servers"]
+    assert len(servers) == 4 and len({s["endpoint"] for s in servers}) == 4, servers
+    assert sorted((s["slurm_node"], s["name"], *s["aliases"]) for s in servers) == [
+        ("n1", "asker", "asker"), ("n1", "writer", "text"), ("n2", "asker", "asker"), ("n2", "writer", "text")
+    ]  # fmt: skip
+    assert all(s["restarts"] == 0 for s in servers)
+    # Every record's question came from asker and its answer from writer, each at its server on the shard's node.
+    usage = manifest["usage"]
+    assert usage["asker"]["requests"] >= N and usage["text"]["requests"] >= N, usage
+    at = {(s["node_id"], s["name"]): s["endpoint"] for s in servers}
+    for shard in manifest["shards"]:
+        node = shard["node_id"]
+        assert shard["endpoints"] == {"text": at[node, "writer"], "asker": at[node, "asker"]}, shard
+    models = manifest["models"]
+    assert (models["asker"]["server"], models["asker"]["model"]) == ("asker", "asker")
+    assert (models["text"]["server"], models["text"]["model"]) == ("writer", "smollm2-135m")
+    card = (job_dir / "sdg" / "README.md").read_text()
+    assert "2 node(s) × writer (llama_cpp: text) + asker (llama_cpp: asker)" in card
+    assert not processes_with_env("SLURM_JOB_ID", job_id)
 
 
 def test_plain_sbatch_cancelled_mid_run_then_the_same_submission_resumes(slurm, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from sdg_job.config.schema import (
     Recipe,
     SamplerColumn,
     SeedDataset,
+    ServeGroup,
     ServeSpec,
     StructuredMessagesProjection,
     ToolDataChecks,
@@ -44,7 +45,7 @@ __all__ = [
     "LLM_COLUMNS", "OFFLINE_SAMPLERS", "OPERATIONAL_SERVE_KEYS", "RECIPES_DIR", "Column", "DPOPreferenceProjection",
     "ExpressionColumn", "Filter", "Generation", "InferenceParameters", "JudgeScore", "LLMJudgeColumn",
     "LLMStructuredColumn", "LLMTextColumn", "MessageSpec", "ModelSpec", "OpenAIMessagesProjection", "Projection",
-    "ProviderSpec", "Recipe", "SamplerColumn", "SeedDataset", "ServeSpec", "StructuredMessagesProjection",
+    "ProviderSpec", "Recipe", "SamplerColumn", "SeedDataset", "ServeGroup", "ServeSpec", "StructuredMessagesProjection",
     "ToolDataChecks", "apply_overrides", "check_output_path", "check_recipe", "load_recipe", "mask_secrets",
     "parse_overrides", "recipe_dict", "recipe_hash", "resolve_recipe_path", "template_names",
 ]  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 
 import jinja2
@@ -20,12 +21,15 @@ from sdg_job.config.schema import (
     LLMStructuredColumn,
     Recipe,
     SamplerColumn,
+    ServeGroup,
     StructuredMessagesProjection,
 )
 from sdg_job.errors import RecipeError, all_problems
 from sdg_job.seeds import read_seed_rows, seed_fields
 
 _JINJA = jinja2.Environment()
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as vLLM takes a model
+SERVE_REFUSED = "<serve>"  # in `broken`: the schema refused the serve section (no name of a column or model)
 
 
 def template_names(template: str, source: str, key: str) -> set[str]:
@@ -54,9 +58,10 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
     for alias, model in recipe.models.items():
         if model.provider not in (None, "local") and model.provider not in recipe.providers:
             report(f"models.{alias}.provider", f"no providers.{model.provider} entry (endpoint, api_key_env)")
-    if recipe.serves_locally and recipe.serve is None:
-        local = ", ".join(a for a in recipe.models if recipe.provider_of(a) == "local")
-        report("serve", f"provider local ({local}) needs a serve section (or use provider=openai|nvidia)")
+    local = [a for a in recipe.models if recipe.provider_of(a) == "local"]
+    if local and recipe.serve is None and SERVE_REFUSED not in broken:
+        report("serve", f"provider local ({', '.join(local)}) needs a serve section (or use provider=openai|nvidia)")
+    found += [(source, key, message) for key, message in _serving_problems(recipe, local, broken)]
 
     fields: list[str] = []
     seed_known = True  # whether the seed's fields are known (else references cannot be checked)
@@ -211,3 +216,42 @@ def check_output_path(recipe: Recipe, source: str, create: bool = True) -> None:
             for made in missing:  # deepest first
                 with contextlib.suppress(OSError):
                     made.rmdir()
+
+
+def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) -> list[tuple[str, str]]:
+    """Each model with provider local is served by exactly one of the node's servers, and each server names what it
+    serves. (A server whose models all went to a remote provider is fine: it is not started, see Recipe.servers.)"""
+    if recipe.serve is None or not local:
+        return []
+    several = isinstance(recipe.serve, ServeGroup)
+    servers = recipe.serve.servers if isinstance(recipe.serve, ServeGroup) else {"": recipe.serve}
+    found: list[tuple[str, str]] = []
+    served_by: dict[str, str] = {}
+    for name, spec in servers.items():
+        key = f"serve.servers.{name}.aliases" if several else "serve.aliases"
+        if several and not spec.aliases:
+            found.append((key, f"name the model aliases this server serves (models with provider local: "
+                               f"{', '.join(local)})"))  # fmt: skip
+        for alias in spec.aliases:
+            if alias in broken:
+                continue
+            if alias not in recipe.models:
+                found.append((key, f"unknown model alias {alias!r}"))
+            elif alias in served_by:
+                found.append((key, f"{alias} is served by {served_by[alias] or 'serve'} already: one server each"))
+            else:
+                served_by[alias] = name
+    for name, spec in servers.items():  # a Hugging Face id under llama.cpp fails only at start, on every node
+        if spec.engine == "llama_cpp" and HUB_ID.fullmatch(spec.model) and not os.path.exists(spec.model):
+            key = f"serve.servers.{name}.model" if several else "serve.model"
+            found.append((key, f"llama_cpp serves a .gguf file or `embedded`, not the Hugging Face id {spec.model!r} "
+                               "(an id is for engine vllm; a layer that names a model per server, such as layer=judge, "
+                               "is for GPU nodes)"))  # fmt: skip
+    if not several and not servers[""].aliases:
+        return found
+    for alias in local:
+        if alias not in served_by and alias not in broken:
+            where = "serve.servers" if several else "serve.aliases"
+            found.append((f"models.{alias}", f"provider local, but no server serves it: add it to the aliases of "
+                                             f"one in {where}"))  # fmt: skip
+    return found

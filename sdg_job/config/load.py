@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import ValidationError
 
 from sdg_job.config import step_shape
-from sdg_job.config.checks import recipe_problems
+from sdg_job.config.checks import SERVE_REFUSED, recipe_problems
 from sdg_job.config.schema import UNION_TAGS, Recipe
 from sdg_job.config.secrets import refuse_secret_values
 from sdg_job.errors import RecipeError, all_problems
@@ -203,6 +203,7 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
     for section in ("models", "columns"):  # `name: null` removes an inherited entry
         if isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if v is not None}
+    _inherit_serve_keys(data)
     refuse_secret_values(data, source)
     if "provider" not in data:
         data["provider"] = _one_provider(data)
@@ -217,6 +218,27 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
     if found:
         raise all_problems(source, found)
     return recipe
+
+
+def _inherit_serve_keys(data: dict) -> None:
+    """`serve.servers`: the keys beside it are every server's unless the server sets its own (mappings such as
+    `env` merged key by key), so a layer's `serve:` keys reach each server. `NAME: null` drops an inherited server;
+    `servers: null` goes back to the single form."""
+    serve = data.get("serve")
+    if isinstance(serve, dict) and "servers" in serve and serve["servers"] is None:
+        del serve["servers"]
+    if not (isinstance(serve, dict) and isinstance(serve.get("servers"), dict)):
+        return
+    shared = {k: v for k, v in serve.items() if k != "servers"}
+    servers = {name: _over(shared, own) for name, own in serve["servers"].items() if own is not None}
+    data["serve"] = {"servers": servers}
+
+
+def _over(base: Any, own: Any) -> Any:
+    """`own` over `base`: mappings merge key by key, anything else is replaced (the schema judges what results)."""
+    if isinstance(base, dict) and isinstance(own, dict):
+        return {**base, **{k: _over(base.get(k), v) for k, v in own.items()}}
+    return own
 
 
 STAND_INS = {"num_records": 1}  # for a required value the schema refused, while the cross-checks run
@@ -242,6 +264,9 @@ def _validated(data: dict, source: str, found: list) -> tuple[Recipe | None, fro
             broken.add(loc[1])
         elif loc[0] == "output_projection":
             data[loc[0]] = {"type": "openai_messages", "messages": []}  # stands in; its own problems are reported
+        elif loc[0] == "serve":
+            data.pop("serve", None)
+            broken.add(SERVE_REFUSED)  # refused, not missing: the cross-checks say nothing more of it
         elif loc[0] in STAND_INS:
             data[loc[0]] = STAND_INS[loc[0]]
         else:
@@ -258,7 +283,7 @@ def _problem_list(error: ValidationError) -> list[tuple[str, str]]:
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
         # The tag pydantic inserts after a union (columns.NAME.<tag>, output_projection.<tag>), not a key named so.
-        at = {"columns": 2, "output_projection": 1}.get(loc[0]) if loc else None
+        at = {"columns": 2, "output_projection": 1, "serve": 1}.get(loc[0]) if loc else None
         if at is not None and len(loc) > at and loc[at] in UNION_TAGS:
             del loc[at]
         found.append((".".join(loc), err["msg"]))

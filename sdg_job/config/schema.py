@@ -12,11 +12,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from sdg_job.config.secrets import mask_secrets
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class Strict(BaseModel):
@@ -90,7 +91,7 @@ class ProviderSpec(Strict):
 
 
 class ServeSpec(Strict):
-    """How the job stands up its own server when `provider: local`."""
+    """How the job stands up one of its own servers, on every node, for the models with `provider: local`."""
 
     engine: Literal["llama_cpp", "vllm", "simulator"] = Field(
         description="vllm on GPU nodes, llama_cpp on CPU, simulator (sdg_job.simulator) for benchmarks and tests"
@@ -135,6 +136,11 @@ class ServeSpec(Strict):
     ctx_size: int = Field(default=8192, ge=256)
     threads: int | None = Field(default=None, ge=1)
     extra_args: list[str] = []
+    aliases: list[str] = Field(
+        default=[],
+        description="the model aliases this server serves (each entry of serve.servers names its own); a single "
+        "serve: section serves every model with provider local",
+    )
 
     @property
     def capacity(self) -> int:
@@ -149,6 +155,28 @@ class ServeSpec(Strict):
         if self.engine == "vllm" and self.device == "gpu":
             return self.tensor_parallel_size * self.data_parallel_size
         return 0
+
+
+class ServeGroup(Strict):
+    """Several servers on every node, each with the aliases it serves and its share of the node's GPUs. The keys
+    written beside `servers:` (or merged there by a layer) are what every server has unless it says otherwise."""
+
+    servers: dict[str, ServeSpec] = Field(min_length=1)
+
+    @field_validator("servers")
+    @classmethod
+    def _names(cls, v: dict[str, ServeSpec]) -> dict[str, ServeSpec]:
+        for name in v:  # a name goes into log file names and Data Designer's provider names
+            if not SERVER_NAME.match(name):
+                raise ValueError(f"server name {name!r}: letters, digits, _ and - only")
+        return v
+
+
+def _serve_form(v: Any) -> str:
+    return "servers" if isinstance(v, dict | ServeGroup) and (isinstance(v, ServeGroup) or "servers" in v) else "one"
+
+
+Serve = Annotated[Annotated[ServeSpec, Tag("one")] | Annotated[ServeGroup, Tag("servers")], Discriminator(_serve_form)]
 
 
 # ---------------------------------------------------------------- columns
@@ -315,7 +343,7 @@ Projection = Annotated[
 
 # pydantic puts the discriminator's value in an error's location; users never wrote it, so leave it out.
 UNION_TAGS = {"sampler", "llm_text", "llm_structured", "llm_judge", "expression"} | {
-    "openai_messages", "dpo_preference", "structured_messages",
+    "openai_messages", "dpo_preference", "structured_messages", "one", "servers",
 }  # fmt: skip
 
 
@@ -376,7 +404,7 @@ class Recipe(Strict):
     num_records: int = Field(ge=1)
     provider: str = Field(description="local (the job's own servers) or the name of an entry in `providers`")
     providers: dict[str, ProviderSpec] = {}
-    serve: ServeSpec | None = None
+    serve: Serve | None = None
     seed_dataset: SeedDataset | None = None
     models: dict[str, ModelSpec] = Field(min_length=1)
     columns: dict[str, Column] = Field(min_length=1)
@@ -392,6 +420,39 @@ class Recipe(Strict):
     def serves_locally(self) -> bool:
         """Whether any model is served by the job's own servers (provider local)."""
         return any(self.provider_of(alias) == "local" for alias in self.models)
+
+    @property
+    def servers(self) -> dict[str, ServeSpec]:
+        """The servers every node runs, by name, each with the aliases it serves: a single `serve:` section is one
+        server (named `server`) for every model with provider local. A server whose models all go to a remote
+        provider (`models.judge.provider=nvidia`) is not started: it would hold its GPUs for nothing."""
+        local = [alias for alias in self.models if self.provider_of(alias) == "local"]
+        if self.serve is None or not local:
+            return {}
+        if not isinstance(self.serve, ServeGroup):
+            aliases = [a for a in self.serve.aliases if a in local] or local
+            return {"server": self.serve.model_copy(update={"aliases": aliases})}
+        return {
+            name: spec.model_copy(update={"aliases": [a for a in spec.aliases if a in local]})
+            for name, spec in self.serve.servers.items()
+            if set(spec.aliases) & set(local)
+        }
+
+    def server_of(self, alias: str) -> str:
+        """The name of the server a locally served model's requests go to."""
+        for name, spec in self.servers.items():
+            if alias in spec.aliases:
+                return name
+        raise ValueError(f"models.{alias}: no server serves it")  # the cross-checks refuse such a recipe
+
+    @property
+    def counting_server(self) -> str | None:
+        """The server whose tokenizer counts the records: the first one the recipe names (list the generator, the
+        model a trainer fine-tunes, first; a judge's tokenizer says nothing of what is trained), if it runs."""
+        if isinstance(self.serve, ServeGroup):
+            first = next(iter(self.serve.servers))
+            return first if first in self.servers else None
+        return next(iter(self.servers), None)
 
     @property
     def remote_providers(self) -> list[str]:
@@ -443,8 +504,12 @@ def recipe_hash(recipe: Recipe) -> str:
     for key in ("output_dir", "output_path", "output_records_per_file"):  # where and how the records are laid
         data.pop(key)  # out, not what they are: a run dir moved to other storage resumes there
     data.pop("generation", None)
-    for key in OPERATIONAL_SERVE_KEYS:
-        (data.get("serve") or {}).pop(key, None)
+    serve = data.get("serve") or {}
+    for spec in (serve.get("servers") or {"": serve}).values():
+        for key in OPERATIONAL_SERVE_KEYS:
+            spec.pop(key, None)
+        if spec.get("aliases") == []:  # a single serve: serves every local model, as before the key existed
+            spec.pop("aliases")
     for provider in (data.get("providers") or {}).values():  # quotas and the preflight pace and check a provider:
         for key in OPERATIONAL_PROVIDER_KEYS:  # lowering a quota after a burst of 429s keeps the finished shards
             provider.pop(key, None)
