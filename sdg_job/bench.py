@@ -238,6 +238,31 @@ def saturation(slots: int, records: int, plain_records: int, service_s: float, s
     return {"manifest": manifest, "t_start": t_start, "stats": stats, "ratio": rate / capacity}
 
 
+# The question asked by a second served model (alias asker), the answer by the first: two servers on the node.
+TWO_SERVERS = ["models.asker.model=asker", "columns.user_message.model_alias=asker",
+               "serve.servers.writer.aliases=[text]", "serve.servers.asker.aliases=[asker]",
+               "serve.servers.asker.served_model_name=asker"]  # fmt: skip
+
+
+def saturation_two_servers(slots: int, records: int, service_s: float, shard: int, rows: list[Row], tmp: Path) -> float:
+    """Both servers of a node kept full: each alias's requests at its own simulated server of `slots`, a record
+    asking one and then the other. Returns the lower of the two servers' ratios to their capacity."""
+    max_tokens = 32
+    capacity = slots / service_s
+    out = tmp / f"two{slots}"
+    asker = f"models.asker.inference_parameters.max_tokens={max_tokens}"  # the same service time at both servers
+    run_job([*simulated_serve(slots, service_s / max_tokens, max_tokens, records, shard), *TWO_SERVERS, asker], out)
+    ratios = []
+    for log in sorted(out.glob(".*.run/logs/server-*.log")):
+        stats = next(json.loads(x)["final_stats"] for x in log.read_text().splitlines() if '"final_stats"' in x)
+        ratios.append(server_rate(stats) / capacity)
+        what = f"sdg-job, two servers per node: {log.name.split('-')[1]}, C={slots} each, {service_s:.1f} s/request"
+        note = f"max in flight {stats['max_busy']}"
+        rows.append(Row("saturation", what, server_rate(stats), "req/s", ratios[-1], note))
+    assert len(ratios) == 2, f"expected two server logs in {out}"
+    return min(ratios)
+
+
 # Data Designer alone in a fresh process, against a given server: argv url, work dir, released|fixed, records,
 # in flight, warm-up records, max_tokens. Prints the CPU ms per record of the measured generate().
 DATA_DESIGNER_ALONE = """
@@ -471,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
                                 cpu["steady_ms_per_record"], "ms/record", None,
                                 f"{cpu['ms_per_record']:.2f} incl. {once:.1f} s paid once per job "
                                 f"({len({s['worker'] for s in manifest['shards']})} workers)"))  # fmt: skip
+            # Two servers: the client's work per request is the same, so twice the requests a second. A longer
+            # service time keeps this 2-core machine's client below what it can send.
+            records = 400 if a.quick else 1000
+            console.log("saturation of two servers per node at C=64 each …")
+            summary["two servers C=64"] = saturation_two_servers(64, records, 2.0, 100, rows, tmp)
         if "engine" not in skip:
             console.log("Data Designer alone, as released and with the hot-path fixes …")
             for in_flight in [64] if a.quick else [64, 256]:

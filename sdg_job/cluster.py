@@ -21,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdg_job.config import Recipe, ServeSpec
-from sdg_job.endpoints import Endpoint, Routes, own_endpoint, route_models
+from sdg_job.endpoints import Endpoint, Routes, expected_nodes, own_endpoint, route_models
 from sdg_job.errors import JobError, RecipeError
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe, split_gpus
@@ -265,9 +265,7 @@ def start_node_servers(
     """One NodeServer per node slot in the cluster, each starting every server of `recipe.servers`, all in parallel
     and health-gated. Each node's shards send the models with provider local to their server on that node, the
     others to their provider (`remote`)."""
-    count = wait_for_node_slots(
-        int(os.environ.get("SDG_EXPECTED_NODES", "1")), float(os.environ.get("SDG_WAIT_S", 900))
-    )
+    count = wait_for_node_slots(expected_nodes(), float(os.environ.get("SDG_WAIT_S", 900)))
     servers = recipe.servers
     check_gpus(servers)
     # vLLM's GPUs are reserved for the actor, which hands each server its share in CUDA_VISIBLE_DEVICES.

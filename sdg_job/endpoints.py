@@ -77,8 +77,11 @@ def own_endpoint(recipe: Recipe, server: str, url: str, workers: int) -> Endpoin
     server's capacity (`concurrency`)."""
     spec = recipe.servers[server]
     capacity = recipe.generation.max_parallel_requests or spec.capacity
-    name = "local" if len(recipe.servers) == 1 else f"local:{server}"  # one Data Designer provider each
-    return Endpoint(url, API_KEY_ENV, spec.served_model_name, worker_share(capacity, workers), provider=name)
+    if len(recipe.servers) == 1:
+        return Endpoint(url, API_KEY_ENV, spec.served_model_name, worker_share(capacity, workers))
+    # Several: a shard is at one server at a time, and which of the node's workers are at this one changes as
+    # their shards move on, so any one of them may have to fill it (the server queues what is over).
+    return Endpoint(url, API_KEY_ENV, spec.served_model_name, capacity, provider=f"local:{server}")
 
 
 class Pace:
@@ -159,6 +162,11 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     capacity = sum(each or spec.capacity for spec in recipe.servers.values()) or each or REMOTE_CONCURRENCY
     workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
     return workers, worker_share(capacity, workers)
+
+
+def expected_nodes() -> int:
+    """How many nodes the job was given (SDG_EXPECTED_NODES, set by the Slurm scripts; 1 on a workstation)."""
+    return int(os.environ.get("SDG_EXPECTED_NODES", "1"))
 
 
 def worker_share(capacity: int, workers: int) -> int:

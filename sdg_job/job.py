@@ -32,6 +32,7 @@ from sdg_job.endpoints import (
     EndpointWatch,
     Routes,
     concurrency,
+    expected_nodes,
     failing_message,
     own_endpoint,
     preflight,
@@ -83,8 +84,10 @@ class Job:
         self.store.open(recipe_hash(recipe), fresh, source, keep=(LEASE_FILE,))
         self.seed_rows, self.strategy = load_seeds(recipe.seed_dataset)
         gen = recipe.generation
+        # Several servers per node: their columns take turns in each shard, so the workers' shards are staggered.
+        stagger = (concurrency(recipe)[0], expected_nodes()) if len(recipe.servers) > 1 else (1, 1)
         self.shards = plan_shards(
-            recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed
+            recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed, stagger
         )
         self.summaries = self.store.load_committed()  # the store's index: updated as shards commit
         # A previous run may have topped up: its committed extra shards belong to this plan too. Top-ups run in

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sdg_job import bench
 from sdg_job.supervise import start_time
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,9 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("LLAMA_ARG_THREADS", "1")
 
 # tiny with its question asked by a second served model (alias asker): two servers on every node, the same GGUF.
-TWO_SERVERS = ("models.asker.model=asker", "columns.user_message.model_alias=asker",
-               "serve.servers.writer.aliases=[text]", "serve.servers.asker.aliases=[asker]",
-               "serve.servers.asker.served_model_name=asker")  # fmt: skip
+TWO_SERVERS = tuple(bench.TWO_SERVERS)
 
 
 def unit_of(nodeid: str) -> str:

@@ -20,6 +20,16 @@ def test_shard_sizes_cover_exactly_num_records() -> None:
     assert all(len(s.seed_rows) == s.size for s in shards)
 
 
+def test_several_servers_stagger_the_first_wave_of_each_node() -> None:
+    """Three workers on each of two nodes: their first shards are a third, two thirds and a whole shard, so they
+    end at different times (Data Designer runs a shard's columns in turn, and each column's server is another)."""
+    shards = plan_shards(1000, 100, n_seed_rows=56, stagger=(3, 2))
+    assert [s.size for s in shards[:7]] == [33, 66, 100, 33, 66, 100, 100] and sum(s.size for s in shards) == 1000
+    assert [s.index for s in shards] == list(range(len(shards))) and shards[4].first_record == 400
+    assert plan_shards(1000, 100, stagger=(3, 2)) == plan_shards(1000, 100, stagger=(3, 2))  # resume: the same
+    assert [s.size for s in plan_shards(50, 100, stagger=(4, 1))] == [25, 25]  # a small job: the wave is all of it
+
+
 def test_same_inputs_give_the_same_plan_and_distinct_shard_seeds() -> None:
     a = plan_shards(40, 10, n_seed_rows=56, strategy="shuffle", base_seed=7)
     assert a == plan_shards(40, 10, n_seed_rows=56, strategy="shuffle", base_seed=7)
