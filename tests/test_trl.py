@@ -70,8 +70,14 @@ def test_every_projection_trains_in_trl_with_real_chat_templates(trl_home, tmp_p
     assert all(isinstance(c["arguments"], dict) and c["arguments"].get("order_id") for c in calls), calls
     assert all(n > 512 for n in found["tool_record_tokens"]), found["tool_record_tokens"]  # what max_length must fit
     # The card's counts, made by the serving llama-server, are the trainer's: within the 2 tokens that close the
-    # last turn (`<|im_end|>\n`, which llama.cpp's /apply-template leaves open).
+    # last turn (`<|im_end|>\n`, which llama.cpp's /apply-template leaves open), and the few where llama.cpp's
+    # pre-tokenizer merges whitespace that Hugging Face's splits (seen in CI: "\n\n1." is one "\n\n" token to
+    # llama.cpp, two "\n" to the trainer; a 272-token record counted 275 by TRL).
     counted = json.loads((sft.parent / "tiny.manifest.json").read_text())["record_tokens"]
     trainer = sorted(found["sft_record_tokens"])
     assert counted["records"] == len(trainer) == 4
-    assert 0 <= trainer[0] - counted["min"] <= 2 and 0 <= trainer[-1] - counted["max"] <= 2, (counted, trainer)
+
+    def agree(trained: int, card: int) -> bool:
+        return 0 <= trained - card <= 2 + card // 100
+
+    assert agree(trainer[0], counted["min"]) and agree(trainer[-1], counted["max"]), (counted, trainer)
