@@ -79,8 +79,8 @@ def own_endpoint(recipe: Recipe, server: str, url: str, workers: int) -> Endpoin
     capacity = recipe.generation.max_parallel_requests or spec.capacity
     if len(recipe.servers) == 1:
         return Endpoint(url, API_KEY_ENV, spec.served_model_name, worker_share(capacity, workers))
-    # Several: a shard is at one server at a time, and which of the node's workers are at this one changes as
-    # their shards move on, so any one of them may have to fill it (the server queues what is over).
+    # Several: a shard's rows are mostly at one server at a time, and which of the node's workers are at this one
+    # changes as their shards move on, so any one of them may have to fill it (the server queues what is over).
     return Endpoint(url, API_KEY_ENV, spec.served_model_name, capacity, provider=f"local:{server}")
 
 
@@ -155,9 +155,8 @@ def concurrency(recipe: Recipe) -> tuple[int, int]:
     the job: saturation 0.89-0.96 against 0.99. The server's time is what costs, so workers stay few and full.
     """
     gen = recipe.generation
-    # With models served on the nodes, their servers set the pace (a remote judge beside them takes as many). A
-    # shard's requests go to one server at a time (Data Designer runs a batch column by column): enough shards to
-    # fill all of a node's servers at once.
+    # With models served on the nodes, their servers set the pace (a remote judge beside them takes as many):
+    # enough shards to fill all of a node's servers at once.
     each = gen.max_parallel_requests  # a server's capacity, when the recipe says better than serve: does
     capacity = sum(each or spec.capacity for spec in recipe.servers.values()) or each or REMOTE_CONCURRENCY
     workers = gen.workers_per_node or math.ceil(capacity / gen.shard_size) + 1
@@ -222,9 +221,10 @@ class EndpointWatch:
 
 
 def failing_message(recipe: Recipe, e: EndpointFailing) -> str:
-    local, _, server = e.provider.partition(":")  # local:NAME: one of several servers per node
-    name = e.provider if e.provider in recipe.providers or local == "local" else recipe.provider
-    if name.partition(":")[0] == "local":
+    own = e.provider.partition(":")[0] == "local"  # local, or local:NAME for one of several servers per node
+    name = e.provider if own or e.provider in recipe.providers else recipe.provider
+    kind, _, server = name.partition(":")
+    if kind == "local":
         where = f"the job's own server {server}" if server else "the job's own server"
         fix = "see its log under the run dir's logs/"
     else:

@@ -59,9 +59,7 @@ def check_outside(recipe: Recipe, source: str) -> None:
     """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
     servers; for each remote provider, the key and an endpoint that answers for its models (endpoints.preflight)."""
     for name, spec in recipe.servers.items():
-        check_weights_staged(
-            spec, f"serve.servers.{name}.model" if isinstance(recipe.serve, ServeGroup) else "serve.model"
-        )
+        check_weights_staged(spec, f"{recipe.serve_key(name)}.model")
     preflight(recipe, source)
 
 
@@ -84,7 +82,7 @@ class Job:
         self.store.open(recipe_hash(recipe), fresh, source, keep=(LEASE_FILE,))
         self.seed_rows, self.strategy = load_seeds(recipe.seed_dataset)
         gen = recipe.generation
-        # Several servers per node: their columns take turns in each shard, so the workers' shards are staggered.
+        # Several servers per node: the workers' shards are staggered, so that each server has shards at it at once.
         stagger = (concurrency(recipe)[0], expected_nodes()) if len(recipe.servers) > 1 else (1, 1)
         self.shards = plan_shards(
             recipe.num_records, gen.shard_size, len(self.seed_rows), self.strategy, gen.random_seed, stagger

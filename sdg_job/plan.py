@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -87,20 +86,19 @@ def plan_shards(
 ) -> list[Shard]:
     """`stagger` = (workers per node, nodes), for nodes with several servers: the first wave, one shard per worker,
     is sized 1/W, 2/W, … of a shard on each node, so the workers' shards end at staggered times and from then on
-    are in different columns at once. Data Designer runs a shard column by column: shards in step would keep one
-    server busy while the next column's server idles. Shard i still covers records from i·S (a short one leaves a
-    gap in the numbers, as a top-up does)."""
+    are in different columns at once. The rows of shards that start together reach each column, and so its server,
+    at about the same time, and leave it idle while they are at the next one. Shard i still covers records from
+    i·S (a short one leaves a gap in the numbers, as a top-up does)."""
     workers, nodes = stagger
     wave = [shard_size * (k + 1) // workers for _ in range(nodes) for k in range(workers)] if workers > 1 else []
     shards: list[Shard] = []
     left = num_records
-    for i in itertools.count():
-        if left <= 0:
-            return shards
+    while left > 0:
+        i = len(shards)
         size = min(max(1, wave[i]) if i < len(wave) else shard_size, left)
         shards.append(make_shard(i, size, shard_size, n_seed_rows, strategy, base_seed))
         left -= size
-    raise AssertionError("unreachable")
+    return shards
 
 
 def top_up_sizes(

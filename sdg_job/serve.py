@@ -109,8 +109,8 @@ def split_gpus(servers: dict[str, ServeSpec], ids: list[str]) -> dict[str, Serve
     order (neighbours, for tensor parallel), none for a server that needs none (a CUDA build of llama-server would
     take memory on vLLM's GPUs). A server whose own `env` names its GPUs keeps them."""
     ids = sorted(ids, key=lambda i: (len(i), i))  # "2" before "10"
-    if sum(spec.gpus for spec in servers.values()) > len(ids):
-        raise JobError(f"the servers need {sum(s.gpus for s in servers.values())} GPUs, this node offers {len(ids)}")
+    if (needed := sum(spec.gpus for spec in servers.values())) > len(ids):
+        raise JobError(f"the servers need {needed} GPUs, this node offers {len(ids)}")
     shares = {}
     for name, spec in servers.items():
         share, ids = ids[: spec.gpus], ids[spec.gpus :]
@@ -300,9 +300,10 @@ class Server:
 
 def describe(server: Server) -> dict:
     """What the manifest records: argv and endpoint, never the key."""
-    gpus = server.spec.env.get("CUDA_VISIBLE_DEVICES")  # its share, when the node's servers split the GPUs
-    return {"engine": server.spec.engine, "argv": server.argv, "endpoint": server.endpoint, "restarts": server.restarts,
-            **({"gpus": gpus.split(",") if gpus else []} if gpus is not None else {})}  # fmt: skip
+    out = {"engine": server.spec.engine, "argv": server.argv, "endpoint": server.endpoint, "restarts": server.restarts}
+    if (gpus := server.spec.env.get("CUDA_VISIBLE_DEVICES")) is not None:  # its share of the node's GPUs
+        out["gpus"] = [g for g in gpus.split(",") if g]
+    return out
 
 
 if __name__ == "__main__":  # `python -m sdg_job.serve` builds/locates llama-server (used by the Makefile)

@@ -228,7 +228,7 @@ def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) 
     found: list[tuple[str, str]] = []
     served_by: dict[str, str] = {}
     for name, spec in servers.items():
-        key = f"serve.servers.{name}.aliases" if several else "serve.aliases"
+        key = f"{recipe.serve_key(name)}.aliases"
         if several and not spec.aliases:
             found.append((key, f"name the model aliases this server serves (models with provider local: "
                                f"{', '.join(local)})"))  # fmt: skip
@@ -243,10 +243,10 @@ def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) 
                 served_by[alias] = name
     for name, spec in servers.items():  # a Hugging Face id under llama.cpp fails only at start, on every node
         if spec.engine == "llama_cpp" and HUB_ID.fullmatch(spec.model) and not os.path.exists(spec.model):
-            key = f"serve.servers.{name}.model" if several else "serve.model"
-            found.append((key, f"llama_cpp serves a .gguf file or `embedded`, not the Hugging Face id {spec.model!r} "
-                               "(an id is for engine vllm; a layer that names a model per server, such as layer=judge, "
-                               "is for GPU nodes)"))  # fmt: skip
+            message = (f"llama_cpp serves a .gguf file or `embedded`, not the Hugging Face id {spec.model!r} (an id "
+                       "is for engine vllm; a layer that names a model per server, such as layer=judge, is for GPU "
+                       "nodes)")  # fmt: skip
+            found.append((f"{recipe.serve_key(name)}.model", message))
     if not several and not servers[""].aliases:
         return found
     for alias in local:

@@ -438,6 +438,10 @@ class Recipe(Strict):
             if set(spec.aliases) & set(local)
         }
 
+    def serve_key(self, server: str) -> str:
+        """Where a server's keys are written, for messages: `serve.servers.NAME`, or `serve` for a single section."""
+        return f"serve.servers.{server}" if isinstance(self.serve, ServeGroup) else "serve"
+
     def server_of(self, alias: str) -> str:
         """The name of the server a locally served model's requests go to."""
         for name, spec in self.servers.items():
