@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sdg_job.cli import recipe_and_overrides  # noqa: E402
 from sdg_job.config import apply_overrides, load_recipe  # noqa: E402
 from sdg_job.config.load import read_yaml_mapping  # noqa: E402
-from sdg_job.errors import RecipeError  # noqa: E402
+from sdg_job.config.secrets import secret_problems  # noqa: E402
+from sdg_job.errors import RecipeError, all_problems  # noqa: E402
 
 if TYPE_CHECKING:
     from invoke.exceptions import UnexpectedExit
@@ -126,6 +127,10 @@ def load_profile(path: Path, overrides: list[str], executor: str) -> Profile:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         raise RecipeError(str(path), str(key), f"cannot resolve: {str(e).splitlines()[0]}") from None
+    assert isinstance(data, dict)
+    secrets = secret_problems(data)  # NeMo-Run writes what a profile holds into its own files
+    if secrets:
+        raise all_problems(str(path), [(str(path), key, why) for key, why in secrets])
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:

@@ -57,7 +57,10 @@ def card_places(out: Path) -> tuple[Path, Path]:
 
 
 def holds_card_of(path: Path, out: Path) -> bool:
-    return path.exists() and is_card_of(path.read_text(errors="replace"), out.name)
+    """Whether `path` is this output's card: a regular file of the job's (a link or a directory is someone else's)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return is_card_of(path.read_text(errors="replace"), out.name)
 
 
 def _metadata(manifest: dict, data_files: list[str], columns: Columns | None) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from sdg_job.config import check_output_path, check_recipe, load_recipe, recipe_dict, resolve_recipe_path
+from sdg_job.config import check_recipe, load_recipe, recipe_dict, resolve_recipe_path
 from sdg_job.errors import Interrupted, JobError, RecipeError
 from sdg_job.generate import offline_environment
+from sdg_job.outputs import check_output_path
 
 log = logging.getLogger("sdg_job")
 

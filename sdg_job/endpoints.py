@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from sdg_job.config import ProviderSpec, Recipe
+from sdg_job.config.secrets import without_userinfo
 from sdg_job.errors import RecipeError
 from sdg_job.serve import API_KEY_ENV
 
@@ -229,7 +230,7 @@ def failing_message(recipe: Recipe, e: EndpointFailing) -> str:
         fix = "see its log under the run dir's logs/"
     else:
         provider = recipe.providers[name]
-        where = f"provider {name} ({provider.endpoint})"
+        where = f"provider {name} ({without_userinfo(provider.endpoint)})"
         fix = {
             "auth": f"check the key in ${provider.api_key_env}" if provider.api_key_env else "it wants a key",
             "not_found": "check the models' names against what it serves",
@@ -273,7 +274,7 @@ def _preflight(name: str, provider: ProviderSpec, models: list[str], source: str
     where, url = f"providers.{name}", provider.endpoint.rstrip("/")
 
     def fail(cause: str) -> RecipeError:
-        return RecipeError(source, where, f"{url}: {redact(cause, key)}")
+        return RecipeError(source, where, f"{without_userinfo(url)}: {redact(cause, key)}")
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(headers=headers, timeout=PREFLIGHT_TIMEOUT) as client:
@@ -297,8 +298,9 @@ def _preflight(name: str, provider: ProviderSpec, models: list[str], source: str
                 listed = f"; it serves: {', '.join(served)}" if served else ""
                 raise fail(f"HTTP 404: model {model!r} is not served there ({said}){listed}")
             if status >= 400:
-                log.warning("preflight %s, model %s: HTTP %d (%s); going on", url, model, status, said)
-    log.info("preflight: %s answers for %s", url, ", ".join(models))
+                shown = without_userinfo(url)
+                log.warning("preflight %s, model %s: HTTP %d (%s); going on", shown, model, status, said)
+    log.info("preflight: %s answers for %s", without_userinfo(url), ", ".join(models))
 
 
 def provider_message(answer: httpx.Response, limit: int = 200) -> str:

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import platform
-import re
 import resource
 import secrets
 import signal
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
-from sdg_job.config import Recipe, ServeGroup, check_output_path, recipe_dict, recipe_hash
+from sdg_job.config import Recipe, ServeGroup, recipe_dict, recipe_hash
 from sdg_job.endpoints import (
     REQUEST_CAUSES,
     EndpointFailing,
@@ -41,6 +40,7 @@ from sdg_job.endpoints import (
 )
 from sdg_job.errors import Interrupted, JobError
 from sdg_job.lease import LEASE_FILE, Lease
+from sdg_job.outputs import check_output_path, note_stats, note_written, written_before
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
 from sdg_job.seeds import file_sha256, load_seeds
@@ -97,6 +97,7 @@ class Job:
         self.skipped = len(self.summaries)
         self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
         self.output_shards: list[str] = []  # the committed shards the output took records from (set by merge)
+        self.output_stats: dict[str, dict[str, int]] = {}  # the files merge wrote, as outputs.stat_of saw them
         self.inflight: dict[Any, tuple[Shard, Any]] = {}  # Ray ref → (shard, node)
         self.endpoint_watch = EndpointWatch()
 
@@ -274,6 +275,7 @@ class Job:
         n = self.recipe.num_records
         # The manifest, written last, vouches for the output, and the card describes it: neither while it is
         # replaced (several files cannot be renamed at once: a crash in between must not leave them over a mix).
+        note_written(self.recipe, [*outputs, self.recipe.manifest_path])
         self.recipe.manifest_path.unlink(missing_ok=True)
         for card in card_places(out):
             if holds_card_of(card, out):
@@ -281,10 +283,32 @@ class Job:
         fsync_dir(out.parent)
         count, self.output_shards = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
         if not partial:
-            for stale in set(output_layouts(out)) - set(outputs):
-                stale.unlink()
+            for stale in set(written_before(self.recipe)) - {*outputs, self.recipe.manifest_path}:
+                stale.unlink(missing_ok=True)  # parts of an earlier layout, or the .partial: the job's own
             self.store.sweep()  # the job is over: no attempt of it still runs
+        self.output_stats = note_stats(self.recipe, outputs)
         return count
+
+    def finish(self, status: str, error: Exception | None, server_info: list[dict], started_at: datetime, t0: float,
+               cpu0: float, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+        """What a run leaves beside its output once its shards are done: the merged output (or the partial one),
+        the card of a complete dataset, and the manifest, written last, which vouches for both."""
+        if status == "interrupted":
+            # Shards abandoned in flight may have committed all the same: the manifest counts what is on disk.
+            self.store.load_committed()
+        else:
+            merge_started = time.monotonic()
+            self.merge(partial=status != "complete")
+            timings["merge"] = time.monotonic() - merge_started
+        timings["driver_cpu"] = time.process_time() - cpu0
+        manifest = self.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
+        manifest["error"] = str(error) if error is not None and status != "interrupted" else None
+        if status == "complete":
+            manifest["card"] = self.write_card(manifest).name
+        manifest["output_file_stats"] = self.output_stats  # what the next run finds the job's own (sdg_job.outputs)
+        atomic_write(self.recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        note_stats(self.recipe, [self.recipe.manifest_path])
+        return manifest
 
     def write_card(self, manifest: dict[str, Any]) -> Path:
         """The Hugging Face dataset card, in the first of `card_places` that is free or holds this output's card."""
@@ -301,13 +325,6 @@ class Job:
             columns = None if columns is None or found is None else merge_columns(columns, found)
         atomic_write(path, dataset_card(manifest, samples, manifest["output_files"], columns))
         return path
-
-
-def output_layouts(out: Path) -> list[Path]:
-    """Every output file this output path may have been written as: whole, or in parts of any size."""
-    parts = re.compile(rf"{re.escape(out.stem)}-\d{{5,}}-of-\d{{5,}}{re.escape(out.suffix)}")
-    found = [p for p in out.parent.iterdir() if parts.fullmatch(p.name)]
-    return [out, *found] if out.exists() else found
 
 
 def model_entry(recipe: Recipe, alias: str) -> dict[str, Any]:
@@ -476,22 +493,10 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
         ray.shutdown()
         if ended := end_snapshot(leftovers):
             log.info("ended %d process(es) left after ray.shutdown()", len(ended))
-    if status == "interrupted":
-        # Shards abandoned in flight may have committed all the same: the manifest counts what is on disk.
-        job.store.load_committed()
-    else:
-        merge_started = time.monotonic()
-        count = job.merge(partial=status != "complete")
-        timings["merge"] = time.monotonic() - merge_started
-    timings["driver_cpu"] = time.process_time() - cpu0
-    manifest = job.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
-    manifest["error"] = str(error) if error is not None and status != "interrupted" else None
-    if status == "complete":  # the card describes a finished dataset; the manifest, written last, vouches for both
-        manifest["card"] = job.write_card(manifest).name
-    atomic_write(recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    manifest = job.finish(status, error, server_info, started_at, t0, cpu0, timings)
     if error is not None:
         raise error
-    assert count == recipe.num_records
+    assert manifest["records"] == recipe.num_records
     return manifest
 
 

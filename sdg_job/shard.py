@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from sdg_job.card import column_types
 from sdg_job.config import Recipe
+from sdg_job.config.secrets import without_userinfo
 from sdg_job.endpoints import Routes, redact
 from sdg_job.errors import ServerUnavailable
 from sdg_job.generate import generate, load_engine
@@ -57,8 +58,9 @@ def run_shard(
         "engine_load_cpu_s": round(engine_load_cpu, 3),  # once per worker process
         "retries": attempt,
         "random_seed": shard.random_seed,
-        "endpoint": routes.endpoints[0].url,  # the node's (first) own server, if any models are served there
-        "endpoints": {alias: e.url for alias, e in routes.by_alias.items()},
+        # the node's (first) own server, if any models are served there
+        "endpoint": without_userinfo(routes.endpoints[0].url),
+        "endpoints": {alias: without_userinfo(e.url) for alias, e in routes.by_alias.items()},
         "worker": f"{os.uname().nodename}:{os.getpid()}",
         "node_id": node_id,
         "error": result.error,

@@ -28,6 +28,8 @@ from sdg_job.errors import JobError, RecipeError
 DIGEST_SIZE = 16
 DATA_SUFFIXES = (".jsonl", ".digests", ".tokens")  # a shard attempt's files, beside its summary (.json)
 TOKEN_COUNT = np.dtype("<u4")  # a record's tokens (sdg_job.tokens), in a shard's .tokens file
+IDENTITY_FILE = "run.json"  # the recipe hash the run dir's shards were made by
+WRITTEN_FILE = "outputs.json"  # the files beside the output that this run dir's merges wrote (sdg_job.outputs)
 TOTALS = ("requested", "valid", "output_tokens")  # kept summed: the progress line reads them on every turn
 
 
@@ -109,8 +111,9 @@ class RunStore:
 
     def open(self, recipe_hash: str, fresh: bool, source: str, keep: tuple[str, ...] = ()) -> None:
         """Claim the run dir for this recipe; refuse one made by a different recipe unless `fresh`, which wipes
-        it all but `keep` (the lease this driver holds: wiping it would let a second driver in)."""
-        identity = self.run_dir / "run.json"
+        it all but `keep` (the lease this driver holds: wiping it would let a second driver in) and the list of
+        files its merges wrote (they stay the job's to replace)."""
+        identity = self.run_dir / IDENTITY_FILE
         if identity.exists() and not fresh:
             old = json.loads(identity.read_text()).get("recipe_sha256")
             if old != recipe_hash:
@@ -129,7 +132,7 @@ class RunStore:
             self._last_selection = (None, None)
         if fresh and self.run_dir.exists():
             for path in self.run_dir.iterdir():
-                if path.name in keep:
+                if path.name in keep or path.name == WRITTEN_FILE:
                     continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)

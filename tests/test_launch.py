@@ -170,6 +170,10 @@ BAD_PROFILES = {
     "a_list": ("- slurm\n- local\n", "a cluster profile must be a mapping"),
     "not_utf8": (b"local: {job_dir: caf\xe9}\n", "not UTF-8"),
     "unresolvable": ("local: {job_dir: '${oc.env:SURELY_UNSET_VAR_42}'}\n", "local.job_dir: cannot resolve"),
+    "credentials_in_an_image_url": (
+        "docker: {container_image: 'https://me:s3cr3t-pw-0123@registry.example/img'}\n",
+        "docker.container_image: has credentials in the URL",
+    ),
 }
 
 
@@ -189,6 +193,7 @@ def test_bad_profile_exits_2_naming_the_file_and_key(case: str, tmp_path: Path) 
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert f"error: {profile}: " in result.stderr and must_mention in result.stderr, result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout
     assert all_files(tmp_path) == [profile]
 
 

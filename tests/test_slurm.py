@@ -114,12 +114,12 @@ def sbatch_argv(job_dir: Path, job: tuple[str, ...] = JOB) -> list[str]:
             "--time=00:30:00", f"--output={job_dir}.out", str(REPO / "slurm" / "sdg-job.sbatch"), *job]  # fmt: skip
 
 
-def sbatch(env: dict[str, str], job_dir: Path, *extra_env: str) -> str:
+def sbatch(env: dict[str, str], job_dir: Path, *extra_env: str, job: tuple[str, ...] = JOB) -> str:
     """slurm/sdg-job.sbatch as its header says, without pyxis: the installation this test runs from."""
     run_env = env | {"SDG_CONTAINER": "none", "SDG_VENV": sys.prefix, "SDG_JOB_DIR": str(job_dir),
                      "SDG_RAY_PORT": str(free_port())}  # fmt: skip
     run_env |= dict(e.split("=", 1) for e in extra_env)
-    return slurm_cmd(run_env | {"SDG_WAIT_S": "180"}, *sbatch_argv(job_dir)).strip().split(";")[0]
+    return slurm_cmd(run_env | {"SDG_WAIT_S": "180"}, *sbatch_argv(job_dir, job)).strip().split(";")[0]
 
 
 def test_launcher_runs_the_job_across_two_slurm_nodes(slurm, tmp_path: Path) -> None:
@@ -210,3 +210,26 @@ def test_time_limit_warning_stops_cleanly_and_the_requeued_job_finishes(slurm, t
     assert "driver exited with 143" in log and "requeueing job" in log and "driver exited with 0" in log
     manifest = assert_exactly_n_unique_from_both_nodes(job_dir, resumed=True)
     assert manifest["shards_skipped_on_resume"] >= kept >= 1
+
+
+def test_a_secret_in_any_shape_is_refused_on_the_cluster_and_written_nowhere(slurm, tmp_path: Path) -> None:
+    """A sentinel in a URL's user-info, in extra_body, after a server flag, in serve.env and in an inlined
+    environment variable: the driver on the cluster refuses the job (exit 2, every key named) and the value is in no
+    file of the job, Slurm's log of it included."""
+    sentinel = "s3cr3t-SENTINEL-slurm-shapes-0123456789"
+    shapes = (f"providers.nvidia.endpoint=https://user:{sentinel}@integrate.invalid/v1",
+              f"models.text.inference_parameters.extra_body={{api_key: {sentinel}}}",
+              f"serve.extra_args=[--api-key,{sentinel}]", f"serve.env={{HF_TOKEN: {sentinel}}}",
+              "description=${oc.env:MY_SERVICE_TOKEN}")  # fmt: skip
+    job_dir = tmp_path / "job"
+    job_id = sbatch(slurm, job_dir, f"MY_SERVICE_TOKEN={sentinel}", job=(*JOB, *shapes))
+    state = wait_until_done(slurm, job_id)
+    said = Path(f"{job_dir}.out").read_text()
+    assert state["JobState"] == "FAILED" and "driver exited with 2" in said, said[-3000:]
+    log = (job_dir / "logs" / "driver.log").read_text()
+    for key in ("providers.nvidia.endpoint", "extra_body.api_key", "serve.extra_args.0", "serve.env.HF_TOKEN",
+                "description: contains the value of $MY_SERVICE_TOKEN"):  # fmt: skip
+        assert key in log, log[-3000:]
+    for path in all_files(tmp_path):
+        assert sentinel not in path.read_text(errors="replace"), path
+    assert not (job_dir / "sdg" / "tiny.jsonl").exists()

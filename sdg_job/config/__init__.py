@@ -8,7 +8,7 @@ imports Data Designer's engine.
     secrets     refuse key values in recipes, mask them in what the job writes
 """
 
-from sdg_job.config.checks import check_output_path, check_recipe, template_names
+from sdg_job.config.checks import check_recipe, template_names
 from sdg_job.config.load import RECIPES_DIR, apply_overrides, load_recipe, parse_overrides, resolve_recipe_path
 from sdg_job.config.schema import (
     LLM_COLUMNS,
@@ -46,6 +46,6 @@ __all__ = [
     "ExpressionColumn", "Filter", "Generation", "InferenceParameters", "JudgeScore", "LLMJudgeColumn",
     "LLMStructuredColumn", "LLMTextColumn", "MessageSpec", "ModelSpec", "OpenAIMessagesProjection", "Projection",
     "ProviderSpec", "Recipe", "SamplerColumn", "SeedDataset", "ServeGroup", "ServeSpec", "StructuredMessagesProjection",
-    "ToolDataChecks", "apply_overrides", "check_output_path", "check_recipe", "load_recipe", "mask_secrets",
+    "ToolDataChecks", "apply_overrides", "check_recipe", "load_recipe", "mask_secrets",
     "parse_overrides", "recipe_dict", "recipe_hash", "resolve_recipe_path", "template_names",
 ]  # fmt: skip

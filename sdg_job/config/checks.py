@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 
 import jinja2
 import jinja2.meta
@@ -193,29 +191,6 @@ def _check_projection(recipe: Recipe, available: set[str], report) -> None:
                 report(f"{key}.tools.{i}.function.parameters", f"not a JSON schema: {e.message}")
         if proj.source is None and sum(m.tool_call is not None for m in proj.messages) != 1:
             report(f"{key}.messages", "needs exactly one assistant message with tool_call")
-
-
-def check_output_path(recipe: Recipe, source: str, create: bool = True) -> None:
-    """The output's directory (and the run dir beside the output file) can be made and written to: a bad output
-    path is bad input, refused before the lease, Ray or a server. Makes the (empty) run dir and writes no file;
-    without `create` (`validate`), the directories it made are removed again, so that "validate passed" means
-    exactly "run will get past this" and validate leaves nothing behind."""
-    out = recipe.output_path
-    key = "output_dir" if out.parent.is_relative_to(recipe.output_dir) else "output_path"
-    if out.is_dir():
-        raise RecipeError(source, "output_path", f"{out} is a directory; name the output file")
-    missing = [p for p in (recipe.run_dir, *recipe.run_dir.parents) if not os.path.lexists(p)]
-    try:
-        recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=recipe.run_dir):  # unnamed, gone on close: a read-only dir fails here
-            pass
-    except OSError as e:
-        raise RecipeError(source, key, f"cannot create {e.filename or recipe.run_dir}: {e.strerror or e}") from None
-    finally:
-        if not create:
-            for made in missing:  # deepest first
-                with contextlib.suppress(OSError):
-                    made.rmdir()
 
 
 def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) -> list[tuple[str, str]]:

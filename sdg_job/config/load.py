@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sdg_job.config import step_shape
 from sdg_job.config.checks import SERVE_REFUSED, recipe_problems
 from sdg_job.config.schema import UNION_TAGS, Recipe
-from sdg_job.config.secrets import refuse_secret_values
+from sdg_job.config.secrets import secret_problems
 from sdg_job.errors import RecipeError, all_problems
 
 RECIPES_DIR = Path(os.environ.get("SDG_RECIPES_DIR", Path(__file__).resolve().parents[2] / "recipes"))
@@ -32,10 +32,13 @@ def resolve_recipe_path(ref: str) -> Path:
     return RECIPES_DIR / f"{ref}.yaml"
 
 
-def _full_path(path: str | Path, source: str, key: str) -> Path:
-    """`~` expanded, absolute; a path that cannot be (`~nosuchuser/…`, a NUL byte) is bad input, not a crash."""
+def _full_path(path: str | Path, source: str, key: str, follow: bool = True) -> Path:
+    """`~` expanded, absolute; a path that cannot be (`~nosuchuser/…`, a NUL byte) is bad input, not a crash.
+    Without `follow`, a link at the last component stays a link: the job's file is written in its place (and found
+    to be someone else's), never through it into whatever it points at."""
     try:
-        return Path(path).expanduser().resolve()
+        full = Path(path).expanduser()
+        return full.resolve() if follow else full.parent.resolve() / full.name
     except (RuntimeError, ValueError, OSError) as e:
         raise RecipeError(source, key, f"not a usable path {str(path)!r}: {e}") from None
 
@@ -66,7 +69,7 @@ def _load_yaml(path: Path, found: list[tuple[str, str, str]], chain: tuple[Path,
     raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
     replaced: set[str] = set()
     if step_shape.is_step_shape(raw):  # the Nemotron step's shape: read into ours, file by file
-        refuse_secret_values(raw, str(path))  # in the user's own key names (providers.0.api_key)
+        found += [(str(path), key, why) for key, why in secret_problems(raw)]  # in the step's own key names
         translated, replaced = step_shape.translate(raw, str(path), found)
         cfg = OmegaConf.create(translated)
     seed = cfg.get("seed_dataset")
@@ -204,7 +207,7 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
         if isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if v is not None}
     _inherit_serve_keys(data)
-    refuse_secret_values(data, source)
+    found += [(source, key, why) for key, why in secret_problems(data) if (source, key, why) not in found]
     if "provider" not in data:
         data["provider"] = _one_provider(data)
     recipe, broken = _validated(data, source, found)
@@ -303,7 +306,7 @@ def _absolutize(recipe: Recipe, path: Path) -> Recipe:
     source = str(path)
     update: dict[str, Any] = {
         "output_dir": _full_path(recipe.output_dir, source, "output_dir"),
-        "output_path": _full_path(recipe.output_path, source, "output_path"),
+        "output_path": _full_path(recipe.output_path, source, "output_path", follow=False),
     }
     if recipe.seed_dataset is not None:
         seed_path = _full_path(recipe.seed_dataset.path, source, "seed_dataset.path")

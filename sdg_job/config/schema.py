@@ -393,6 +393,14 @@ class Generation(Strict):
     random_seed: int = 0
 
 
+class Output(Strict):
+    overwrite: bool = Field(
+        default=False,
+        description="a file at the output's places that this job did not write is moved aside to "
+        "<name>.replaced-<UTC time> (never deleted); without it the run refuses to start",
+    )
+
+
 class Recipe(Strict):
     name: str = Field(default="", description="default: the output file's name")
     description: str = ""
@@ -409,8 +417,16 @@ class Recipe(Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     columns: dict[str, Column] = Field(min_length=1)
     output_projection: Projection
+    output: Output = Output()
     filters: list[Filter] = []
     generation: Generation = Generation()
+
+    @field_validator("name")
+    @classmethod
+    def _a_file_name(cls, v: str) -> str:
+        if v in (".", "..") or re.search(r"[/\\\x00-\x1f]", v):  # it names files beside the output
+            raise ValueError(f"{v!r} is not a file name: no /, \\ or control characters, not . or ..")
+        return v
 
     def provider_of(self, alias: str) -> str:
         """Where a model's requests go: its own `provider`, else the recipe's."""
@@ -508,6 +524,7 @@ def recipe_hash(recipe: Recipe) -> str:
     for key in ("output_dir", "output_path", "output_records_per_file"):  # where and how the records are laid
         data.pop(key)  # out, not what they are: a run dir moved to other storage resumes there
     data.pop("generation", None)
+    data.pop("output", None)  # whether to move a stranger's file aside is not what is generated
     serve = data.get("serve") or {}
     for spec in (serve.get("servers") or {"": serve}).values():
         for key in OPERATIONAL_SERVE_KEYS:
