@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo check test lint clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ TEST_WORKERS ?= 2
 
 test: lint
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
+
+# The fast tier, before every commit: lint, types and the tests marked not e2e (no model server, no cluster).
+check: lint
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder -m "not e2e"
 
 clean:
 	rm -rf $(VENV) output $(LOGS)

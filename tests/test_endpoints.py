@@ -137,6 +137,7 @@ def test_the_right_key_passes(keyed, monkeypatch, caplog) -> None:
     assert f"preflight: {keyed} answers for" in caplog.text
 
 
+@pytest.mark.e2e
 def test_a_key_revoked_mid_run_stops_the_job_within_a_minute_and_the_rerun_completes(out_dir, tmp_path) -> None:
     """The SIMULATED server (--key-file, read on every request) stands in for a provider that revokes the key once
     the first shard is committed: the job stops with the cause, keeps its shards, and the same command resumes to
@@ -175,6 +176,7 @@ def test_a_key_revoked_mid_run_stops_the_job_within_a_minute_and_the_rerun_compl
     assert manifest["error"] is None
 
 
+@pytest.mark.e2e
 def test_a_request_quota_costs_time_never_records(out_dir: Path, tmp_path: Path) -> None:
     """The SIMULATED server with a quota (5 requests/s, 429 + Retry-After beyond it), and no quota told to the job:
     Data Designer's backoff on 429s paces it; exactly N, nothing dropped. (`python -m sdg_job.bench` measures the
@@ -192,6 +194,7 @@ def test_a_request_quota_costs_time_never_records(out_dir: Path, tmp_path: Path)
     assert refused >= 1 and manifest["request_errors"].get("rate_limited", 0) == refused  # the quota did bite
 
 
+@pytest.mark.e2e
 def test_a_token_quota_told_to_the_job_is_kept_without_429s(out_dir: Path, tmp_path: Path) -> None:
     """The SIMULATED server with a token quota (prompt + max_tokens per request, 420 tokens per 2 s, 429 beyond it)
     and the job told 0.9 of it as providers.openai.max_tokens_per_minute: the shared pacer reserves each request's

@@ -108,6 +108,7 @@ def test_a_name_cannot_lead_outside_the_output_dir(tmp_path: Path) -> None:
     assert all_files(tmp_path) == []
 
 
+@pytest.mark.e2e
 def test_overwrite_moves_the_users_file_aside_and_a_rerun_resumes_over_its_own_output(tmp_path: Path) -> None:
     out = tmp_path / "data.jsonl"
     out.write_text("precious data\n")
@@ -209,7 +210,10 @@ def _layout(**states: str) -> dict[str, str]:
     return {place: states.get(place, "absent") for place in NAMES}
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.e2e  # its layouts hold a real run's files
+@settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     shape=st.sampled_from(SHAPES),
     states=st.fixed_dictionaries({place: st.sampled_from(STATES if place in OURS else STATES[:-1]) for place in NAMES}),

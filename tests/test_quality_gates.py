@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sdg_job.config import load_recipe
 from sdg_job.project import failed_filter
 from tests.conftest import read_jsonl, run_cli
@@ -21,6 +23,7 @@ def manifest(out_dir: Path) -> dict:
     return json.loads((out_dir / "tiny.manifest.json").read_text())
 
 
+@pytest.mark.e2e
 def test_answers_cut_at_max_tokens_are_dropped_and_counted(out_dir: Path) -> None:
     result = run_cli("run", *SIMULATED, out_dir=out_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,6 +33,7 @@ def test_answers_cut_at_max_tokens_are_dropped_and_counted(out_dir: Path) -> Non
     assert m["attempted"] - sum(m["dropped"].values()) >= 20  # a top-up may make a few more than needed
 
 
+@pytest.mark.e2e
 def test_keep_truncated_keeps_them(out_dir: Path) -> None:
     result = run_cli("run", *SIMULATED, "generation.keep_truncated=true", out_dir=out_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,6 +41,7 @@ def test_keep_truncated_keeps_them(out_dir: Path) -> None:
     assert "truncated" not in m["dropped"] and m["attempted"] == 20
 
 
+@pytest.mark.e2e
 def test_a_filter_keeps_only_records_that_pass(out_dir: Path) -> None:
     """A filter on a sampled column (2 of the 6 personas pass): every kept record passes, the rest are counted as
     filter:<name>, and the job still ends with exactly N."""

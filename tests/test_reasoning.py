@@ -24,6 +24,7 @@ def recorded(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_reasoning_off_asks_every_request_not_to_think(out_dir: Path, tmp_path: Path) -> None:
     bodies = tmp_path / "bodies.jsonl"
     result = run_cli("run", *SIMULATED, f"serve.extra_args=[--record, '{bodies}']", out_dir=out_dir)
@@ -36,6 +37,7 @@ def test_reasoning_off_asks_every_request_not_to_think(out_dir: Path, tmp_path: 
     assert all(set(m) == {"role", "content"} for r in records for m in r["messages"])
 
 
+@pytest.mark.e2e
 def test_reasoning_on_keeps_the_trace_beside_the_answer(out_dir: Path, tmp_path: Path) -> None:
     bodies = tmp_path / "bodies.jsonl"
     result = run_cli("run", *SIMULATED, "models.text.reasoning=on", f"serve.extra_args=[--record, '{bodies}']",
@@ -51,6 +53,7 @@ def test_reasoning_on_keeps_the_trace_beside_the_answer(out_dir: Path, tmp_path:
         assert user["reasoning_content"].startswith("Simulated thinking")  # an LLM column too, the user turn
 
 
+@pytest.mark.e2e
 def test_reasoning_on_with_the_trace_left_out(out_dir: Path) -> None:
     result = run_cli("run", *SIMULATED, "models.text.reasoning=on", "output_projection.reasoning_field=null",
                      out_dir=out_dir)  # fmt: skip
@@ -59,6 +62,7 @@ def test_reasoning_on_with_the_trace_left_out(out_dir: Path) -> None:
     assert len(records) == 6 and all(set(m) == {"role", "content"} for r in records for m in r["messages"])
 
 
+@pytest.mark.e2e
 def test_provider_openai_is_never_sent_the_template_switch(out_dir: Path, tmp_path: Path) -> None:
     """A strict OpenAI-compatible service may refuse an unknown field (HTTP 400 for every row)."""
     bodies = tmp_path / "bodies.jsonl"

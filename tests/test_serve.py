@@ -57,6 +57,7 @@ def test_llama_server_command_serves_the_embedded_model_on_loopback() -> None:
     assert int(argv[argv.index("--threads-http") + 1]) >= 64
 
 
+@pytest.mark.e2e
 def test_a_stopped_server_is_hung_only_after_its_timeout_and_restarts_on_the_same_port(tmp_path) -> None:
     """The SIMULATED server (sdg_job.simulator), frozen with SIGSTOP: alive, but answering nothing."""
     spec = simulator_spec().model_copy(update={"hang_timeout_s": 8.0})
@@ -84,6 +85,7 @@ def test_fp8_layer_serves_the_fp8_checkpoint_with_an_fp8_kv_cache(tmp_path: Path
     assert "--enable-expert-parallel" in argv and "--reasoning-parser" in argv  # the rest as in the default
 
 
+@pytest.mark.e2e
 def test_a_first_start_that_outlasts_its_timeout_names_the_setting(tmp_path: Path) -> None:
     """A server still loading (here the SIMULATED one, slow to listen, like vLLM fetching ~60 GB) is stopped and
     the error names the key to raise; a restart is bounded by the other key."""
