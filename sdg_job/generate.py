@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sdg_job.config import (
-    ExpressionColumn,
-    LLMJudgeColumn,
-    LLMStructuredColumn,
     LLMTextColumn,
     Recipe,
-    SamplerColumn,
     StructuredMessagesProjection,
 )
+from sdg_job.config.dd_shape import columns_as_dd, dd_config
 from sdg_job.endpoints import Routes
 
 log = logging.getLogger("sdg_job.generate")
@@ -70,21 +67,6 @@ def load_engine() -> float:
     return time.process_time() - started
 
 
-def structured_schema(column: LLMStructuredColumn | LLMJudgeColumn) -> dict[str, Any]:
-    """The JSON schema Data Designer will parse the column's answer against."""
-    if isinstance(column, LLMStructuredColumn):
-        return column.output_format
-    from data_designer.config import Score
-    from data_designer.engine.column_generators.utils.judge_score_factory import (
-        create_judge_response_model,
-        create_judge_structured_output_model,
-    )
-
-    scores = [Score(name=s.name, description=s.description, options=dict(s.options)) for s in column.scores]
-    model = create_judge_structured_output_model([create_judge_response_model(s) for s in scores])
-    return model.model_json_schema()
-
-
 def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant per declared tool: its name, and arguments exactly as its parameters declare (nothing else). A
     column's own schema usually lets any tool take any argument, so a small model calls get_order_status with a
@@ -98,13 +80,14 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     return {"anyOf": variants}
 
 
-def guided_schema(recipe: Recipe, name: str, column: LLMStructuredColumn | LLMJudgeColumn) -> dict[str, Any]:
-    """What the server decodes a structured column against: the declared tools for the projection's tool-call
-    column, else the column's own schema."""
+def guided_schema(recipe: Recipe, column) -> dict[str, Any]:
+    """What the server decodes a structured or judge column (Data Designer's config) against: the declared tools
+    for the projection's tool-call column, else the column's own schema."""
     projection = recipe.output_projection
-    if isinstance(projection, StructuredMessagesProjection) and any(m.tool_call == name for m in projection.messages):
+    if isinstance(projection, StructuredMessagesProjection) and any(m.tool_call == column.name
+                                                                    for m in projection.messages):  # fmt: skip
         return tool_call_schema(projection.tools)
-    return structured_schema(column)
+    return dd_column_schema(column)
 
 
 def guided_alias(alias: str, column: str) -> str:
@@ -162,35 +145,57 @@ def build_config(recipe: Recipe, routes: Routes, seed_rows: list[dict] | None):
             dd.DataFrameSeedSource(df=pd.DataFrame(seed_rows)), sampling_strategy=dd.SamplingStrategy.ORDERED
         )
 
-    for name, col in recipe.columns.items():
-        if isinstance(col, SamplerColumn):
-            builder.add_column(dd.SamplerColumnConfig(name=name, sampler_type=col.sampler_type, params=col.params))
-        elif isinstance(col, ExpressionColumn):
-            builder.add_column(dd.ExpressionColumnConfig(name=name, expr=col.expr, dtype=col.dtype))
-        elif isinstance(col, (LLMStructuredColumn, LLMJudgeColumn)):
-            alias = col.model_alias
-            if recipe.generation.guided_decoding:
-                alias = guided_alias(col.model_alias, name)
-                schema = guided_schema(recipe, name, col)
-                response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
-                add_model(alias, col.model_alias, {"response_format": response_format})
-            common = dict(name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=alias)
-            if isinstance(col, LLMStructuredColumn):
-                builder.add_column(dd.LLMStructuredColumnConfig(**common, output_format=col.output_format))
-            else:
-                scores = [dd.Score(name=s.name, description=s.description, options=dict(s.options)) for s in col.scores]
-                builder.add_column(dd.LLMJudgeColumnConfig(**common, scores=scores))
-        elif isinstance(col, LLMTextColumn):
-            # With reasoning on, the trace comes back apart from the answer (vLLM's reasoning parser); Data Designer
-            # keeps it in `<name>__reasoning_content`, which the projection puts beside the content.
-            thinks = recipe.models[col.model_alias].reasoning == "on"
-            builder.add_column(
-                dd.LLMTextColumnConfig(
-                    name=name, prompt=col.prompt, system_prompt=col.system_prompt, model_alias=col.model_alias,
-                    extract_reasoning_content=thinks,
-                )
-            )  # fmt: skip
+    _add_dd_config(builder, recipe, add_model)
     return builder
+
+
+def _add_dd_config(builder, recipe: Recipe, add_model) -> None:
+    """The recipe's Data Designer config (a Data Designer config's own, or the job's recipe shape read into one):
+    its columns, each structured or judge column on a model alias of its own that carries the column's schema,
+    and its constraints, processors and profilers."""
+    config = dd_config(recipe.data_designer or {}, columns_as_dd(recipe))
+    for column in config.columns:
+        if column.column_type in ("llm-structured", "llm-judge") and recipe.generation.guided_decoding:
+            alias = guided_alias(column.model_alias, column.name)
+            schema = guided_schema(recipe, column)
+            response_format = {"type": "json_schema", "json_schema": {"name": column.name, "schema": schema}}
+            add_model(alias, column.model_alias, {"response_format": response_format})
+            column = column.model_copy(update={"model_alias": alias})
+        builder.add_column(column)
+    for constraint in config.constraints or []:
+        builder.add_constraint(constraint)
+    for processor in config.processors or []:
+        builder.add_processor(processor)
+    for profiler in config.profilers or []:
+        builder.add_profiler(profiler)
+
+
+def dd_column_schema(column) -> dict[str, Any]:
+    """The JSON schema of a Data Designer llm-structured or llm-judge column's answer."""
+    if column.column_type == "llm-judge":
+        from data_designer.engine.column_generators.utils.judge_score_factory import (
+            create_judge_response_model,
+            create_judge_structured_output_model,
+        )
+
+        model = create_judge_structured_output_model([create_judge_response_model(s) for s in column.scores])
+        return model.model_json_schema()
+    fmt = column.output_format
+    return fmt if isinstance(fmt, dict) else fmt.model_json_schema()
+
+
+def text_columns(recipe: Recipe) -> list[str]:
+    """The free-text LLM columns whose answers reach the record (a cut one is dropped as truncated)."""
+    if recipe.data_designer is not None:
+        columns = recipe.data_designer.get("columns") or {}
+        return [n for n, c in columns.items() if c.get("column_type") in ("llm-text", "llm-code") and not c.get("drop")]
+    return [name for name, col in recipe.columns.items() if type(col) is LLMTextColumn and not col.drop]
+
+
+def guided_aliases(recipe: Recipe) -> dict[str, str]:
+    """Each structured or judge column's own alias → the recipe's model alias it stands for."""
+    return {guided_alias(c["model_alias"], c["name"]): c["model_alias"] for c in columns_as_dd(recipe)
+            if c.get("column_type") in ("llm-structured", "llm-judge")}  # fmt: skip
 
 
 TRUNCATED = "__sdg_truncated"  # a row flag the projection reads: an answer in it was cut at max_tokens
@@ -199,7 +204,7 @@ TRUNCATED = "__sdg_truncated"  # a row flag the projection reads: an answer in i
 def flag_cut_answers(recipe: Recipe, rows: list[dict[str, Any]], cut: set[str]) -> None:
     """Flag rows whose text answers (the columns that reach the record) were cut at max_tokens. An SFT set full of
     answers that stop mid-word teaches a model to stop mid-word."""
-    texts = [name for name, col in recipe.columns.items() if type(col) is LLMTextColumn and not col.drop]
+    texts = text_columns(recipe)
     for row in rows:
         if any(isinstance(row.get(name), str) and row[name].strip() in cut for name in texts):
             row[TRUNCATED] = True
@@ -253,9 +258,7 @@ def generate(
     dd_hotpath.request_error_said.clear()
     dd_hotpath.request_error_provider.clear()
     dd_hotpath.paces = {e.provider: (e.pace, e.paces_tokens) for e in routes.endpoints if e.pace is not None}
-    guided = {guided_alias(c.model_alias, name): c.model_alias for name, c in recipe.columns.items()
-              if isinstance(c, (LLMStructuredColumn, LLMJudgeColumn))}  # fmt: skip
-    counter = _TokenCounter(guided)
+    counter = _TokenCounter(guided_aliases(recipe))
     unsubscribe = subscribe_token_usage(counter)
     try:
         result = designer.create(builder, num_records=num_records, dataset_name="shard")

@@ -319,10 +319,16 @@ def _json_text(arguments: Any) -> str:
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
+def dataset_row(spec: Any, row: dict) -> dict:
+    """No projection: the row as Data Designer made it, every column it keeps (the job's own flags left out)."""
+    return {k: v for k, v in row.items() if not k.startswith("__sdg")}
+
+
 PROJECTIONS: dict[str, Callable[[Any, dict], dict]] = {
     "openai_messages": openai_messages,
     "dpo_preference": dpo_preference,
     "structured_messages": structured_messages,
+    "dataset": dataset_row,
 }
 
 

@@ -95,6 +95,28 @@ def test_docker_run_against_an_openai_endpoint_on_the_host(docker_engine, projec
     assert SECRET not in result.stdout + result.stderr
 
 
+def test_docker_runs_a_data_designer_config_unchanged(docker_engine, project_image, endpoint, tmp_path) -> None:
+    """A config written by DataDesignerConfigBuilder.write_config, mounted read-only: its built-in alias
+    (openai-text) goes to the endpoint, exactly N rows with every column come out."""
+    from tests import dd_configs
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    dd_configs.export(dd_configs.code_with_validation(), configs / "code.yaml")
+    out = owned_out_dir(tmp_path)
+    env = docker_engine | {"OPENAI_BASE_URL": endpoint, "OPENAI_API_KEY": SECRET}
+    job = ("recipe=/configs/code.yaml", "provider=openai", "num_records=3", "generation.keep_truncated=true",
+           "models.openai-text.inference_parameters.max_tokens=128")  # fmt: skip
+    mounts = ("-v", f"{configs}:/configs:ro", "-v", f"{out}:/out")
+    result = run_image(env, "-e", "OPENAI_BASE_URL", "-e", "OPENAI_API_KEY", *mounts, IMAGE, *job)
+    assert "wrote 3 records to /out/sdg/code.jsonl" in result.stdout, result.stderr[-3000:]
+    records = read_jsonl(out / "sdg" / "code.jsonl")
+    assert len(records) == 3 and all(
+        list(r) == ["area", "level", "task", "solution", "solution_check"] for r in records
+    )
+    assert SECRET not in result.stdout + result.stderr
+
+
 def test_docker_run_with_a_wrong_key_exits_2_at_once_with_the_cause(docker_engine, project_image, endpoint,
                                                                     tmp_path) -> None:  # fmt: skip
     out = owned_out_dir(tmp_path)

@@ -233,3 +233,24 @@ def test_a_secret_in_any_shape_is_refused_on_the_cluster_and_written_nowhere(slu
     for path in all_files(tmp_path):
         assert sentinel not in path.read_text(errors="replace"), path
     assert not (job_dir / "sdg" / "tiny.jsonl").exists()
+
+
+def test_a_data_designer_config_runs_unchanged_across_both_nodes(slurm, tmp_path: Path) -> None:
+    """A config written by DataDesignerConfigBuilder.write_config (llm-code and a validation column), exactly N rows
+    with every column, served on both Slurm nodes."""
+    from tests import dd_configs
+
+    config = dd_configs.export(dd_configs.code_with_validation(), tmp_path / "code.yaml")
+    job = (f"recipe={config}", "layer=cpu", "num_records=6", "generation.shard_size=2", "serve.threads=1",
+           "models.openai-text.inference_parameters.max_tokens=96", "generation.keep_truncated=true")  # fmt: skip
+    job_dir = tmp_path / "job"
+    job_id = sbatch(slurm, job_dir, job=job)
+    state = wait_until_done(slurm, job_id)
+    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:] + slurm_logs(slurm, job_id)
+    records = read_jsonl(job_dir / "sdg" / "code.jsonl")
+    assert len(records) == 6 and all(
+        list(r) == ["area", "level", "task", "solution", "solution_check"] for r in records
+    )
+    manifest = json.loads((job_dir / "sdg" / "code.manifest.json").read_text())
+    assert sorted(s["slurm_node"] for s in manifest["servers"]) == ["n1", "n2"], manifest["servers"]
+    assert not processes_with_env("SLURM_JOB_ID", job_id)

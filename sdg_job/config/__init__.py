@@ -4,6 +4,7 @@ imports Data Designer's engine.
     schema      the pydantic model, the one source of truth, and a recipe's identity (hash)
     load        YAML files, `defaults:` inheritance, overrides → Recipe
     step_shape  the Nemotron sdg/data_designer step's shape, read into the project's own
+    dd_shape    a Data Designer config file, read into a recipe; every recipe's columns as Data Designer's configs
     checks      cross-checks across fields, seed file included
     secrets     refuse key values in recipes, mask them in what the job writes
 """

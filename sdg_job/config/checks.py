@@ -10,9 +10,11 @@ import jinja2.meta
 import jsonschema
 from pydantic import ValidationError
 
+from sdg_job.config.dd_shape import dd_problems
 from sdg_job.config.schema import (
     LLM_COLUMNS,
     OFFLINE_SAMPLERS,
+    DatasetProjection,
     DPOPreferenceProjection,
     ExpressionColumn,
     LLMJudgeColumn,
@@ -97,7 +99,11 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
                     f"refers to {sorted(unknown)}, which is neither a seed field nor an earlier column",
                 )
         available.add(name)
-    if recipe.seed_dataset is not None and seed_known:
+    if recipe.data_designer is not None:
+        problems, carried = dd_problems(recipe.data_designer, set(recipe.models) | broken, fields)
+        found += [(source, key, message) for key, message in problems]
+        available |= carried
+    if recipe.seed_dataset is not None and seed_known and recipe.data_designer is None:
         try:  # fields used anywhere must be in every seed row (the error names the line)
             read_seed_rows(recipe.seed_dataset.path, required_fields=set(fields))
         except RecipeError as e:
@@ -131,6 +137,8 @@ def _check_sampler(col: SamplerColumn, key: str, report) -> None:
 def _check_projection(recipe: Recipe, available: set[str], report) -> None:
     proj = recipe.output_projection
     key = "output_projection"
+    if isinstance(proj, DatasetProjection):
+        return
 
     def need(field_key: str, column: str, kind: type | tuple[type, ...] | None = None) -> bool:
         if column not in available:

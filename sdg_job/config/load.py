@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import ValidationError
 
-from sdg_job.config import step_shape
+from sdg_job.config import dd_shape, step_shape
 from sdg_job.config.checks import SERVE_REFUSED, recipe_problems
 from sdg_job.config.schema import UNION_TAGS, Recipe
 from sdg_job.config.secrets import secret_problems
@@ -65,9 +65,15 @@ def _load_yaml(path: Path, found: list[tuple[str, str, str]], chain: tuple[Path,
         raise RecipeError(str(path), "defaults", f"inheritance cycle: {' -> '.join(map(str, (*chain, path)))}")
     if not path.is_file():
         raise RecipeError(str(path), "", "recipe not found" + (f" (from {chain[-1]})" if chain else ""))
-    cfg = read_yaml_mapping(path)
-    raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
     replaced: set[str] = set()
+    written = dd_shape.read_dd_config(path)
+    if written is not None:  # Data Designer's own config file, read into ours (its text is never interpolated)
+        found += [(str(path), key, why) for key, why in secret_problems(written)]
+        cfg = OmegaConf.create(dd_shape.escape_interpolation(dd_shape.translate(written, str(path), found)))
+        raw: dict[str, Any] = {}
+    else:
+        cfg = read_yaml_mapping(path)
+        raw = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
     if step_shape.is_step_shape(raw):  # the Nemotron step's shape: read into ours, file by file
         found += [(str(path), key, why) for key, why in secret_problems(raw)]  # in the step's own key names
         translated, replaced = step_shape.translate(raw, str(path), found)
@@ -185,13 +191,15 @@ def load_recipe(ref: str, overrides: list[str] = (), check: bool = True) -> Reci
     source = str(path)
     found: list[tuple[str, str, str]] = []  # (source, key, message): every stage's problems, reported together
     cfg = _load_yaml(path, found)
+    moves_every_model = any(o.startswith("provider=") for o in overrides)  # `docker run … provider=openai`
     for layer in [o.split("=", 1)[1] for o in overrides if o.startswith("layer=")]:
         over = layer_path(layer)
         layered = _load_yaml(over, found)
+        moves_every_model |= "provider" in layered  # layer=cpu: every model on the embedded one
         _drop_retyped(cfg, layered)
         cfg = _merge(cfg, layered, over)
     overrides = [o for o in overrides if not o.startswith("layer=")]
-    if any(o.startswith("provider=") for o in overrides):  # every model at once (`docker run … provider=openai`)
+    if moves_every_model:
         models = cfg.get("models")
         for model in models.values() if isinstance(models, DictConfig) else ():
             if isinstance(model, DictConfig) and "provider" in model:

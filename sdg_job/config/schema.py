@@ -336,14 +336,21 @@ class StructuredMessagesProjection(_MessagesProjection):
         return self
 
 
+class DatasetProjection(Strict):
+    """No projection: each record is the row Data Designer made, every column it keeps, with its JSON types."""
+
+    type: Literal["dataset"] = "dataset"
+
+
 Projection = Annotated[
-    OpenAIMessagesProjection | DPOPreferenceProjection | StructuredMessagesProjection, Field(discriminator="type")
+    OpenAIMessagesProjection | DPOPreferenceProjection | StructuredMessagesProjection | DatasetProjection,
+    Field(discriminator="type"),
 ]
 
 
 # pydantic puts the discriminator's value in an error's location; users never wrote it, so leave it out.
 UNION_TAGS = {"sampler", "llm_text", "llm_structured", "llm_judge", "expression"} | {
-    "openai_messages", "dpo_preference", "structured_messages", "one", "servers",
+    "openai_messages", "dpo_preference", "structured_messages", "dataset", "one", "servers",
 }  # fmt: skip
 
 
@@ -415,11 +422,22 @@ class Recipe(Strict):
     serve: Serve | None = None
     seed_dataset: SeedDataset | None = None
     models: dict[str, ModelSpec] = Field(min_length=1)
-    columns: dict[str, Column] = Field(min_length=1)
-    output_projection: Projection
+    columns: dict[str, Column] = {}
+    data_designer: dict[str, Any] | None = Field(
+        default=None,
+        description="a Data Designer config as DataDesignerConfigBuilder.write_config writes it under data_designer: "
+        "(its columns keyed by name here), run as it is; instead of `columns`",
+    )
+    output_projection: Projection = DatasetProjection()
     output: Output = Output()
     filters: list[Filter] = []
     generation: Generation = Generation()
+
+    @model_validator(mode="after")
+    def _columns_or_data_designer(self) -> Recipe:
+        if bool(self.columns) == (self.data_designer is not None):
+            raise ValueError("give `columns` (this job's recipe shape) or `data_designer` (a Data Designer config)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -525,6 +543,8 @@ def recipe_hash(recipe: Recipe) -> str:
         data.pop(key)  # out, not what they are: a run dir moved to other storage resumes there
     data.pop("generation", None)
     data.pop("output", None)  # whether to move a stranger's file aside is not what is generated
+    if data.get("data_designer") is None:  # this job's recipe shape: its identity as before the key existed
+        data.pop("data_designer", None)
     serve = data.get("serve") or {}
     for spec in (serve.get("servers") or {"": serve}).values():
         for key in OPERATIONAL_SERVE_KEYS:
