@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo check test lint clean
+.PHONY: install demo check test lint docs clean
 
 install: $(VENV)/.installed
 
@@ -37,12 +37,16 @@ lint: install
 # (TEST_WORKERS=0).
 TEST_WORKERS ?= 2
 
-test: lint
+test: lint docs
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
 
-# The fast tier, before every commit: lint, types and the tests marked not e2e (no model server, no cluster).
-check: lint
+# The fast tier, before every commit: lint, types, the docs and the tests marked not e2e (no model server, no cluster).
+check: lint docs
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder -m "not e2e"
 
+# The documentation site (docs/, MkDocs Material) into site/; a broken link or page fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) output $(LOGS)
+	rm -rf $(VENV) output site $(LOGS)
