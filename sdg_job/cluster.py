@@ -8,11 +8,13 @@ Without RAY_ADDRESS the driver starts a local one-node cluster; with it, it join
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sdg_job.config import Recipe, ServeSpec
 from sdg_job.endpoints import Endpoint, Routes, expected_nodes, own_endpoint, route_models
 from sdg_job.errors import JobError, RecipeError
+from sdg_job.generate import dd_environment
 from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe, split_gpus
 from sdg_job.shard import run_shard
@@ -34,11 +37,7 @@ log = logging.getLogger("sdg_job")
 
 def connect(run_dir: Path) -> None:
     """Join RAY_ADDRESS's cluster, or start a local one sized to this machine with one node slot."""
-    env_vars = {
-        "NEMO_TELEMETRY_ENABLED": "false",
-        "DATA_DESIGNER_HOME": str(run_dir / "dd_home"),
-        "TIKTOKEN_CACHE_DIR": str(run_dir / "dd_home" / "tiktoken"),
-    }
+    env_vars = dd_environment(run_dir / "dd_home")
     common: dict[str, Any] = dict(runtime_env={"env_vars": env_vars}, log_to_driver=False, configure_logging=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
@@ -294,3 +293,21 @@ def stop_node_servers(nodes: list[Node]) -> list[dict]:
         except Exception as e:  # a lost node: keep what the driver last heard from it
             log.warning("could not stop the servers on node %s: %s", node.node_id, e)
     return [server for n in nodes for server in n.info]
+
+
+@contextlib.contextmanager
+def keeping_our_sigterm_handler() -> Iterator[None]:
+    """ray.init installs a SIGTERM handler that kills the local Ray and exits from wherever the driver is (stack
+    dump, exit 134, no manifest). Ours stays in place during ray.init, so a SIGTERM there interrupts it like any
+    other blocking call; the caller reinstalls ours afterwards anyway, in case a Ray version sets it elsewhere."""
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original

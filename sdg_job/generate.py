@@ -43,11 +43,18 @@ class GenerationResult:
     request_error_provider: str | None = None  # and which provider said them
 
 
+def dd_environment(home: Path) -> dict[str, str]:
+    """What a process running Data Designer needs before importing it (it reads these at import): no telemetry,
+    its home and tiktoken's cache in the run dir, and no ruff cache: its code validator runs ruff in the working
+    directory, which may be read-only (the image's, for a user who is not root), and ruff then fails outright."""
+    return {"NEMO_TELEMETRY_ENABLED": "false", "DATA_DESIGNER_HOME": str(home),
+            "TIKTOKEN_CACHE_DIR": str(home / "tiktoken"), "RUFF_NO_CACHE": "true"}  # fmt: skip
+
+
 def offline_environment(home: Path) -> None:
-    """Call before Data Designer is imported (it reads these at import): no telemetry, its home in the run dir."""
-    os.environ.setdefault("NEMO_TELEMETRY_ENABLED", "false")
-    os.environ.setdefault("DATA_DESIGNER_HOME", str(home))
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
+    """Call before Data Designer is imported: `dd_environment`, where the environment does not say otherwise."""
+    for name, value in dd_environment(home).items():
+        os.environ.setdefault(name, value)
 
 
 def load_engine() -> float:
