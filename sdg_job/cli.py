@@ -78,15 +78,17 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True), end="")
             print(f"# ok: {source}", file=sys.stderr)
             return 0
-        from sdg_job import job  # heavy imports only when generating
-
         if ns.preview:
+            from sdg_job.preview import preview  # heavy imports only when generating
+
             with _quiet_preview():
-                records, dropped = job.preview(recipe, source)
+                records, dropped = preview(recipe, source)
             for record in records:
                 print(json.dumps(record, ensure_ascii=False, indent=2))
             print(f"# preview: {len(records)} valid, dropped {dropped or 'none'}; nothing written", file=sys.stderr)
             return 0
+        from sdg_job import job
+
         manifest = job.run(recipe, source, fresh=ns.fresh)
         files = recipe.output_files
         where = str(files[0]) if len(files) == 1 else f"{len(files)} files: {files[0]} … {files[-1].name}"

@@ -20,7 +20,7 @@ import httpx
 from sdg_job.config import ProviderSpec, Recipe
 from sdg_job.config.secrets import without_userinfo
 from sdg_job.errors import RecipeError
-from sdg_job.serve import API_KEY_ENV
+from sdg_job.serve import API_KEY_ENV, check_weights_staged
 
 log = logging.getLogger("sdg_job.endpoints")
 REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
@@ -340,3 +340,11 @@ def transport_cause(e: httpx.HTTPError) -> str:
 def redact(text: str | None, key: str | None) -> str | None:
     """A provider may echo the key it refused; it is never printed."""
     return text.replace(key, "***") if text and key else text
+
+
+def check_outside(recipe: Recipe, source: str) -> None:
+    """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
+    servers; for each remote provider, the key and an endpoint that answers for its models (endpoints.preflight)."""
+    for name, spec in recipe.servers.items():
+        check_weights_staged(spec, f"{recipe.serve_key(name)}.model")
+    preflight(recipe, source)

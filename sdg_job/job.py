@@ -1,76 +1,41 @@
-"""The driver: plan → serve → generate shards on Ray → project → commit → top up to exactly N → merge + manifest."""
+"""The driver: plan → serve → generate shards on Ray → project → commit → top up to exactly N; then publish (merge,
+card, manifest). Only drives: where a shard runs is cluster's, what a run leaves behind publish's."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import logging
 import os
-import platform
-import resource
-import secrets
 import signal
-import sys
-import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
-from sdg_job.config import Recipe, ServeGroup, recipe_dict, recipe_hash
+from sdg_job.config import Recipe, recipe_hash
 from sdg_job.endpoints import (
     REQUEST_CAUSES,
     EndpointFailing,
     EndpointWatch,
-    Routes,
+    check_outside,
     concurrency,
     expected_nodes,
     failing_message,
-    own_endpoint,
-    preflight,
     remote_endpoints,
     route_models,
 )
 from sdg_job.errors import Interrupted, JobError
 from sdg_job.lease import LEASE_FILE, Lease
-from sdg_job.outputs import check_output_path, note_stats, note_written, written_before
+from sdg_job.outputs import check_output_path
 from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_sizes
 from sdg_job.progress import JobProgress
-from sdg_job.seeds import file_sha256, load_seeds
-from sdg_job.serve import API_KEY_ENV, Server, check_weights_staged, split_gpus
-from sdg_job.shard import run_shard
-from sdg_job.store import RunStore, atomic_write, fsync_dir
+from sdg_job.publish import finish
+from sdg_job.seeds import load_seeds
+from sdg_job.store import RunStore
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
-from sdg_job.tokens import tokenizer_name
 
 log = logging.getLogger("sdg_job")
-PACKAGES = ("sdg-job", "data-designer", "ray", "omegaconf", "pydantic", "httpx")
-RSS_UNITS_PER_MB = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-
-
-def check_outside(recipe: Recipe, source: str) -> None:
-    """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
-    servers; for each remote provider, the key and an endpoint that answers for its models (endpoints.preflight)."""
-    for name, spec in recipe.servers.items():
-        check_weights_staged(spec, f"{recipe.serve_key(name)}.model")
-    preflight(recipe, source)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 class Job:
@@ -198,174 +163,6 @@ class Job:
                 ray.cancel(ref, force=True)
         self.inflight.clear()
 
-    def manifest(
-        self, server_info: list[dict], started_at: datetime, wall: float, status: str, timings: dict[str, float]
-    ) -> dict[str, Any]:
-        recipe, summaries = self.recipe, self.summaries
-        records, dupes = self.store.unique_count(self.committed_ids(), recipe.num_records)
-        dropped: Counter[str] = Counter()
-        for x in summaries.values():
-            dropped.update(x["dropped"])
-        if dupes:
-            dropped["duplicate"] += dupes
-        tokens_out = sum(x["output_tokens"] for x in summaries.values())
-        request_errors: Counter[str] = Counter()
-        for x in summaries.values():
-            request_errors.update(x.get("request_errors") or {})
-        return {
-            "status": status,
-            "recipe": recipe.name,
-            "recipe_file": self.source,
-            "recipe_sha256": recipe_hash(recipe),
-            "resolved_recipe": recipe_dict(recipe),
-            "seed": self._seed_info(),
-            "provider": recipe.provider,
-            "models": {alias: model_entry(recipe, alias) for alias in recipe.models},
-            "servers": server_info,
-            "versions": versions(),
-            "output_path": str(recipe.output_path),
-            "output_files": [path.name for path in recipe.output_files] if status == "complete" else [],
-            "output_bytes": sum(path.stat().st_size for path in recipe.output_files) if status == "complete" else 0,
-            "num_records": recipe.num_records,
-            "records": records,
-            "attempted": self.attempted(),
-            "generated": sum(x["generated"] for x in summaries.values()),
-            "dropped": dict(sorted(dropped.items())),
-            "request_errors": dict(sorted(request_errors.items())),  # failed requests by cause (a row may have several)
-            "retries": len(self.failures),
-            "failures": self.failures,
-            "server_restarts": sum(s.get("restarts", 0) for s in server_info),
-            "tokens": {"input": sum(x["input_tokens"] for x in summaries.values()), "output": tokens_out},
-            "usage": usage_by_alias(summaries.values()),
-            "record_tokens": self.record_tokens(),
-            "shards": [{k: v for k, v in summaries[i].items() if k != "columns"} for i in self.committed_ids()],
-            "shards_skipped_on_resume": self.skipped,
-            "started_at": started_at.isoformat(timespec="seconds"),
-            "wall_time_s": round(wall, 2),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "records_per_s": round(records / wall, 3) if wall else None,
-            "output_tokens_per_s": round(tokens_out / wall, 1) if wall else None,
-            "client_cpu": client_cpu(timings, summaries.values(), records),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNITS_PER_MB, 1),
-        }
-
-    def record_tokens(self) -> dict[str, Any] | None:
-        """The spread of the output's records in tokens, as a trainer sees them (sdg_job.tokens), if counted."""
-        counts = self.store.record_tokens(self.committed_ids(), self.recipe.num_records)
-        if counts is None or not len(counts):
-            return None
-        p50, p95 = np.percentile(counts, [50, 95], method="higher")
-        server = self.recipe.counting_server
-        return {"tokenizer": tokenizer_name(self.recipe.servers[server] if server else None), "records": len(counts),
-                "min": int(counts.min()), "p50": int(p50), "p95": int(p95), "max": int(counts.max())}  # fmt: skip
-
-    def _seed_info(self) -> dict | None:
-        seed = self.recipe.seed_dataset
-        if seed is None:
-            return None
-        return {"path": str(seed.path), "sha256": file_sha256(seed.path), "rows": len(self.seed_rows),
-                "strategy": seed.strategy}  # fmt: skip
-
-    def merge(self, partial: bool) -> int:
-        """Committed shards, in plan order, without duplicates, cut at num_records → the output files, atomically
-        (a partial output is one file beside the output). Parts of an earlier layout of this output are removed."""
-        out = self.recipe.output_path
-        outputs = [out.with_name(out.name + ".partial")] if partial else self.recipe.output_files
-        per_file = self.recipe.output_records_per_file if not partial else None
-        n = self.recipe.num_records
-        # The manifest, written last, vouches for the output, and the card describes it: neither while it is
-        # replaced (several files cannot be renamed at once: a crash in between must not leave them over a mix).
-        note_written(self.recipe, [*outputs, self.recipe.manifest_path])
-        self.recipe.manifest_path.unlink(missing_ok=True)
-        for card in card_places(out):
-            if holds_card_of(card, out):
-                card.unlink()
-        fsync_dir(out.parent)
-        count, self.output_shards = self.store.merge(self.committed_ids(), n, outputs, per_file or n)
-        if not partial:
-            for stale in set(written_before(self.recipe)) - {*outputs, self.recipe.manifest_path}:
-                stale.unlink(missing_ok=True)  # parts of an earlier layout, or the .partial: the job's own
-            self.store.sweep()  # the job is over: no attempt of it still runs
-        self.output_stats = note_stats(self.recipe, outputs)
-        return count
-
-    def finish(self, status: str, error: Exception | None, server_info: list[dict], started_at: datetime, t0: float,
-               cpu0: float, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-        """What a run leaves beside its output once its shards are done: the merged output (or the partial one),
-        the card of a complete dataset, and the manifest, written last, which vouches for both."""
-        if status == "interrupted":
-            # Shards abandoned in flight may have committed all the same: the manifest counts what is on disk.
-            self.store.load_committed()
-        else:
-            merge_started = time.monotonic()
-            self.merge(partial=status != "complete")
-            timings["merge"] = time.monotonic() - merge_started
-        timings["driver_cpu"] = time.process_time() - cpu0
-        manifest = self.manifest(server_info, started_at, time.monotonic() - t0, status, timings)
-        manifest["error"] = str(error) if error is not None and status != "interrupted" else None
-        if status == "complete":
-            manifest["card"] = self.write_card(manifest).name
-        manifest["output_file_stats"] = self.output_stats  # what the next run finds the job's own (sdg_job.outputs)
-        atomic_write(self.recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        note_stats(self.recipe, [self.recipe.manifest_path])
-        return manifest
-
-    def write_card(self, manifest: dict[str, Any]) -> Path:
-        """The Hugging Face dataset card, in the first of `card_places` that is free or holds this output's card."""
-        out = self.recipe.output_path
-        readme, own_name = card_places(out)
-        path = readme if not readme.exists() or holds_card_of(readme, out) else own_name
-        with self.recipe.output_files[0].open(encoding="utf-8") as f:
-            samples = [json.loads(line) for line in itertools.islice(f, SHOWN)]
-        # Types each shard worker found over its records, for the shards the output took records from; a shard
-        # committed by a version that found none leaves the features to datasets.
-        columns: Columns | None = {}
-        for shard_id in self.output_shards:
-            found = self.summaries[shard_id].get("columns")
-            columns = None if columns is None or found is None else merge_columns(columns, found)
-        atomic_write(path, dataset_card(manifest, samples, manifest["output_files"], columns))
-        return path
-
-
-def model_entry(recipe: Recipe, alias: str) -> dict[str, Any]:
-    """What the manifest says of a model: where its requests went; a served one by the name it was served under
-    (and, with several servers per node, which of them)."""
-    entry = {**recipe.models[alias].model_dump(mode="json"), "provider": recipe.provider_of(alias)}
-    if entry["provider"] == "local":
-        server = recipe.server_of(alias)
-        entry["model"] = recipe.servers[server].served_model_name
-        if isinstance(recipe.serve, ServeGroup):
-            entry["server"] = server
-    return entry
-
-
-def usage_by_alias(summaries) -> dict[str, dict[str, int]]:
-    """Requests answered and tokens per model alias, over every committed shard (a shard of an older version, which
-    did not count them, adds nothing)."""
-    total: dict[str, Counter[str]] = {}
-    for x in summaries:
-        for alias, usage in (x.get("usage") or {}).items():
-            total.setdefault(alias, Counter()).update(usage)
-    return {alias: dict(usage) for alias, usage in sorted(total.items())}
-
-
-def client_cpu(timings: dict[str, float], summaries, records: int) -> dict[str, Any]:
-    """Client cost: CPU seconds of the driver and of every shard worker (all their threads). `steady_ms_per_record`
-    leaves out what a job pays once whatever its size (driver start-up, each worker importing Data Designer)."""
-    summaries = list(summaries)
-    seconds = {
-        "driver_startup": timings.get("driver_cpu_startup", 0.0),
-        "driver_loop": timings.get("driver_cpu", 0.0) - timings.get("driver_cpu_startup", 0.0),
-        "worker_engine_load": sum(x.get("engine_load_cpu_s", 0.0) for x in summaries),
-        "shards": sum(x.get("cpu_s", 0.0) for x in summaries),
-    }
-    per_record = (lambda cpu: round(1000 * cpu / records, 3)) if records else (lambda cpu: None)
-    return {
-        "ms_per_record": per_record(sum(seconds.values())),
-        "steady_ms_per_record": per_record(seconds["driver_loop"] + seconds["shards"]),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    }
-
 
 def budget_advice(dropped: Counter[str]) -> str:
     """Raising the budget helps when records were made and then failed the recipe's checks, not when requests
@@ -394,24 +191,6 @@ def _log_to_run_dir(recipe: Recipe) -> None:
         lg.handlers[:] = [handler]
         lg.setLevel(logging.INFO)
         lg.propagate = False
-
-
-@contextlib.contextmanager
-def _keeping_our_sigterm_handler() -> Iterator[None]:
-    """ray.init installs a SIGTERM handler that kills the local Ray and exits from wherever the driver is (stack
-    dump, exit 134, no manifest). Ours stays in place during ray.init, so a SIGTERM there interrupts it like any
-    other blocking call; the caller reinstalls ours afterwards anyway, in case a Ray version sets it elsewhere."""
-    import ray._private.utils as ray_utils
-
-    original = getattr(ray_utils, "set_sigterm_handler", None)
-    if original is None:
-        yield
-        return
-    ray_utils.set_sigterm_handler = lambda handler: None
-    try:
-        yield
-    finally:
-        ray_utils.set_sigterm_handler = original
 
 
 def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
@@ -455,7 +234,7 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
 
     try:
         with signals.interruptible():  # SIGTERM, SIGINT, SIGHUP raise here (Interrupt, a KeyboardInterrupt)
-            with _keeping_our_sigterm_handler():
+            with cluster.keeping_our_sigterm_handler():
                 cluster.connect(recipe.run_dir)
             signals.install()
             timings["ray_ready"] = time.monotonic() - t0
@@ -493,49 +272,8 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
         ray.shutdown()
         if ended := end_snapshot(leftovers):
             log.info("ended %d process(es) left after ray.shutdown()", len(ended))
-    manifest = job.finish(status, error, server_info, started_at, t0, cpu0, timings)
+    manifest = finish(job, status, error, server_info, started_at, t0, cpu0, timings)
     if error is not None:
         raise error
     assert manifest["records"] == recipe.num_records
     return manifest
-
-
-@contextlib.contextmanager
-def _in_process_servers(recipe: Recipe, logs_dir: Path) -> Iterator[Routes]:
-    """Preview path: the job's own servers (if any model is served locally) in this process, no Ray."""
-    _, parallel = concurrency(recipe)
-    remote = remote_endpoints(recipe, parallel, paced=False)
-    key = secrets.token_urlsafe(24)
-    specs = recipe.servers
-    if len(specs) > 1 and any(spec.gpus for spec in specs.values()):  # each its own GPUs, as on a node of the job
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(sum(spec.gpus for spec in specs.values()))]
-        specs = split_gpus(specs, ids)
-    with contextlib.ExitStack() as stack:
-        servers = {name: Server(spec, logs_dir / f"{name}.log", api_key=key) for name, spec in specs.items()}
-        for server in servers.values():
-            server.launch()
-            stack.callback(server.stop)
-        own = {}
-        for name, server in servers.items():
-            server.wait_healthy()
-            own[name] = own_endpoint(recipe, name, server.endpoint, 1)  # one worker: the whole capacity
-        os.environ[API_KEY_ENV] = key
-        try:
-            yield route_models(recipe, own, remote)
-        finally:
-            os.environ.pop(API_KEY_ENV, None)
-
-
-def preview(recipe: Recipe, source: str, count: int = 3) -> tuple[list[dict], dict[str, int]]:
-    """A handful of projected records, generated for real, without touching the output or the run dir."""
-    check_outside(recipe, source)
-    with tempfile.TemporaryDirectory(prefix="sdg-preview-") as tmp:
-        store = RunStore(Path(tmp))
-        store.open("preview", True, "preview")
-        seed_rows, strategy = load_seeds(recipe.seed_dataset)
-        size = min(count, recipe.num_records)
-        shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
-        with _in_process_servers(recipe, store.logs_dir) as shard_routes:
-            summary = run_shard(recipe, shard, [seed_rows[i] for i in shard.seed_rows], shard_routes, store)
-        return store.records(shard.id), summary["dropped"]

@@ -11,7 +11,7 @@ import pytest
 
 from sdg_job.config import load_recipe
 from sdg_job.endpoints import concurrency
-from sdg_job.job import client_cpu
+from sdg_job.manifest import client_cpu
 from tests.conftest import REPO
 
 

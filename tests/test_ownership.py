@@ -20,6 +20,7 @@ from sdg_job.config import load_recipe, resolve_recipe_path
 from sdg_job.errors import RecipeError
 from sdg_job.job import Job
 from sdg_job.outputs import check_output_path
+from sdg_job.publish import finish
 from tests.conftest import REPO, all_files, read_jsonl, run_cli
 
 SENTINEL = "s3cr3t-SENTINEL-ownership-0123456789"
@@ -175,11 +176,11 @@ def _output_path(shape: str, d: Path) -> str:
 
 
 def _finish_like_a_run(recipe, source: str) -> None:
-    """What a run writes once its shards are done (Job.finish: merge, card, manifest), over what the store holds."""
+    """What a run writes once its shards are done (publish.finish: merge, card, manifest), over what the store holds."""
     job = Job(recipe, source, fresh=False)
     done = job.store.unique_count(job.committed_ids(), recipe.num_records)[0] == recipe.num_records
     now = datetime.now(timezone.utc)
-    job.finish("complete" if done else "budget_exhausted", None, [], now, time.monotonic(), time.process_time(), {})
+    finish(job, "complete" if done else "budget_exhausted", None, [], now, time.monotonic(), time.process_time(), {})
 
 
 def _users(states: dict[str, str]) -> list[str]:

@@ -10,7 +10,9 @@ import pytest
 from sdg_job.card import column_types
 from sdg_job.config import load_recipe
 from sdg_job.job import Job
+from sdg_job.manifest import build_manifest
 from sdg_job.plan import plan_shards, shard_id, shard_index, top_up_sizes
+from sdg_job.publish import merge, write_card
 
 
 def test_shard_sizes_cover_exactly_num_records() -> None:
@@ -90,7 +92,7 @@ def test_resume_adopts_every_committed_top_up_even_after_a_gap(tiny_job_dir) -> 
     added = resumed.top_up(parallel=2)
     assert [shard_index(s.id) for s in added] == [6, 7]  # shard-00005 is kept, not overwritten
     assert [s.size for s in added] == [1, 1]  # 1 record missing at a 19/23 yield: 2 records, one per worker
-    assert resumed.merge(partial=True) == 19
+    assert merge(resumed, partial=True) == 19
 
 
 def test_a_readme_of_the_users_beside_the_output_is_never_overwritten(tiny_job_dir) -> None:
@@ -100,9 +102,9 @@ def test_a_readme_of_the_users_beside_the_output_is_never_overwritten(tiny_job_d
     job = tiny_job_dir()
     readme = job.recipe.output_path.with_name("README.md")
     readme.write_text("# my notes\n")
-    assert job.merge(partial=False) == 20
-    manifest = job.manifest([], datetime.now(timezone.utc), 1.0, "complete", {})
-    assert job.write_card(manifest).name == "tiny.README.md" and readme.read_text() == "# my notes\n"
+    assert merge(job, partial=False) == 20
+    manifest = build_manifest(job, [], datetime.now(timezone.utc), 1.0, "complete", {})
+    assert write_card(job, manifest).name == "tiny.README.md" and readme.read_text() == "# my notes\n"
     readme.unlink()
-    assert job.write_card(manifest) == readme  # no README there: the card takes the name the Hub reads
-    assert job.write_card(manifest) == readme  # and keeps it, being this output's card
+    assert write_card(job, manifest) == readme  # no README there: the card takes the name the Hub reads
+    assert write_card(job, manifest) == readme  # and keeps it, being this output's card
