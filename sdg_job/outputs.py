@@ -69,8 +69,9 @@ def inputs_written(recipe: Recipe, source: str) -> dict[Path, str]:
     found = {}
     for key, path in inputs(recipe, source):
         for what, place in places(recipe):
-            if _same(place, path) or (what == "run dir" and _inside(path, place)):
-                where = "is" if _same(place, path) else "is inside"
+            same = _same(place, path)
+            if same or (what == "run dir" and _inside(path, place)):
+                where = "is" if same else "is inside"
                 found[place] = (
                     f"the run's {what} {place} {where} an input of the run ({key}: {path}); choose another output_path"
                 )
@@ -89,6 +90,13 @@ def _json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _recorded(run_dir: Path) -> dict | None:
+    """The run dir's record of the files its merges wrote ({name: stat, or None while being written}), if any."""
+    held = _json(run_dir / WRITTEN_FILE)
+    files = held.get("files") if isinstance(held, dict) else None
+    return files if isinstance(files, dict) else None
 
 
 def stat_of(path: Path) -> dict[str, int]:
@@ -120,9 +128,9 @@ def owned(recipe: Recipe) -> set[Path]:
     found: set[Path] = set()
     if _run_dir_is_ours(run_dir):
         found.add(run_dir)
-        written = _json(run_dir / WRITTEN_FILE)
-        if isinstance(written, dict):
-            found |= _claimed(out, written.get("files"))
+        written = _recorded(run_dir)
+        if written is not None:
+            found |= _claimed(out, written)
         elif (run_dir / IDENTITY_FILE).exists():
             found |= {out, out.with_name(out.name + ".partial"), recipe.manifest_path}
     manifest = _json(recipe.manifest_path)
@@ -225,16 +233,12 @@ def note_stats(recipe: Recipe, paths: list[Path]) -> dict[str, dict[str, int]]:
 
 
 def _record(recipe: Recipe, files: Mapping[str, dict[str, int] | None]) -> None:
-    record = recipe.run_dir / WRITTEN_FILE
-    held = _json(record)
-    known = held.get("files") if isinstance(held, dict) else None
-    merged = {**(known if isinstance(known, dict) else {}), **files}
+    merged = {**(_recorded(recipe.run_dir) or {}), **files}
     out = recipe.output_path  # a file the job wrote and since removed is no longer its to claim
     merged = {name: stat for name, stat in merged.items() if stat is None or os.path.lexists(out.with_name(name))}
-    atomic_write(record, json.dumps({"files": dict(sorted(merged.items()))}, indent=1) + "\n")
+    atomic_write(recipe.run_dir / WRITTEN_FILE, json.dumps({"files": dict(sorted(merged.items()))}, indent=1) + "\n")
 
 
 def written_before(recipe: Recipe) -> list[Path]:
     """The files beside the output that the run dir lists as written by its merges and that still hold it."""
-    held = _json(recipe.run_dir / WRITTEN_FILE)
-    return sorted(_claimed(recipe.output_path, held.get("files") if isinstance(held, dict) else None))
+    return sorted(_claimed(recipe.output_path, _recorded(recipe.run_dir)))

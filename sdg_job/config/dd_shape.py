@@ -27,7 +27,6 @@ from sdg_job.config.schema import (
 )
 
 DD_KEYS = {"data_designer", "library_version"}
-SAMPLING = {"ordered": "ordered", "shuffle": "shuffle"}  # Data Designer's SamplingStrategy → seed_dataset.strategy
 Problems = list[tuple[str, str, str]]
 
 
@@ -153,8 +152,8 @@ def _seed_dataset(seed: Any, source: str, found: Problems) -> dict[str, Any] | N
                                                                    "(seed_type local with a .jsonl path); convert "
                                                                    "other seed sources to one"))  # fmt: skip
         return None
-    strategy = str(seed.get("sampling_strategy") or "ordered").lower()
-    return {"path": path, "strategy": SAMPLING.get(strategy, "ordered")}
+    strategy = str(seed.get("sampling_strategy") or "ordered").lower()  # Data Designer's SamplingStrategy
+    return {"path": path, "strategy": strategy if strategy in ("ordered", "shuffle") else "ordered"}
 
 
 # ---------------------------------------------------------------- checks (Data Designer's own, then the job's)
@@ -170,7 +169,8 @@ NETWORK_SAMPLERS = {"person": "the person sampler downloads its datasets; use pe
 
 def dd_columns(recipe_dd: dict[str, Any]) -> list[dict[str, Any]]:
     """The recipe's Data Designer columns in Data Designer's list form, in order."""
-    return [{"name": name, **column} for name, column in (recipe_dd.get("columns") or {}).items()]
+    columns = (recipe_dd.get("columns") or {}).items()
+    return [{"name": name, **column} if isinstance(column, dict) else column for name, column in columns]
 
 
 def dd_config(recipe_dd: dict[str, Any], columns: list[dict[str, Any]] | None = None):
@@ -212,32 +212,29 @@ def dd_problems(recipe_dd: dict[str, Any], models: set[str], seed_fields: list[s
     (columns and their side-effect columns, seed fields)."""
     from pydantic import ValidationError
 
-    names = list(recipe_dd.get("columns") or {})
+    columns = recipe_dd.get("columns") or {}
+    names = list(columns)
     found: list[tuple[str, str]] = []
-    for name, column in (recipe_dd.get("columns") or {}).items():
+    for name, column in columns.items():
         key = f"data_designer.columns.{name}"
-        kind = column.get("column_type") if isinstance(column, dict) else None
-        if kind in REFUSED_COLUMNS:
-            found.append((f"{key}.column_type", REFUSED_COLUMNS[kind]))
-        if isinstance(column, dict) and column.get("sampler_type") in NETWORK_SAMPLERS:
+        if not isinstance(column, dict):
+            continue  # Data Designer's validation below names it
+        if column.get("column_type") in REFUSED_COLUMNS:
+            found.append((f"{key}.column_type", REFUSED_COLUMNS[column["column_type"]]))
+        if column.get("sampler_type") in NETWORK_SAMPLERS:
             found.append((f"{key}.sampler_type", NETWORK_SAMPLERS[column["sampler_type"]]))
-        params = column.get("validator_params") if isinstance(column, dict) else None
+        params = column.get("validator_params")
         if (
-            isinstance(params, dict)
+            column.get("validator_type") == "remote"
+            or isinstance(params, dict)
             and params.get("validator_type") == "remote"
-            or column.get("validator_type") == "remote"
         ):
             found.append((f"{key}.validator_type", "a remote validator calls an endpoint the job does not check; "
                                                    "validate with code or local_callable"))  # fmt: skip
-        alias = column.get("model_alias") if isinstance(column, dict) else None
+        alias = column.get("model_alias")
         if alias is not None and alias not in models:
-            found.append(
-                (
-                    f"{key}.model_alias",
-                    f"unknown model alias {alias!r}: define it in model_configs (or "
-                    "use one of Data Designer's built-in aliases, such as openai-text)",
-                )
-            )
+            fix = "define it in model_configs (or use one of Data Designer's built-in aliases, such as openai-text)"
+            found.append((f"{key}.model_alias", f"unknown model alias {alias!r}: {fix}"))
     if recipe_dd.get("tool_configs"):
         found.append(("data_designer.tool_configs", "MCP tool servers are not started by the job yet"))
     try:
@@ -252,7 +249,7 @@ def dd_problems(recipe_dd: dict[str, Any], models: set[str], seed_fields: list[s
     carried = set(seed_fields)
     for column in config.columns:
         carried |= {column.name, *column.side_effect_columns}
-    found += _cycles(recipe_dd.get("columns") or {})
+    found += _cycles(columns)
     from data_designer.engine.validation import ViolationLevel, validate_data_designer_config  # checks only
 
     violations = validate_data_designer_config(config.columns, config.processors or [], sorted(carried))

@@ -68,7 +68,6 @@ def _load_yaml(path: Path, found: list[tuple[str, str, str]], chain: tuple[Path,
     replaced: set[str] = set()
     written = dd_shape.read_dd_config(path)
     if written is not None:  # Data Designer's own config file, read into ours (its text is never interpolated)
-        found += [(str(path), key, why) for key, why in secret_problems(written)]
         cfg = OmegaConf.create(dd_shape.escape_interpolation(dd_shape.translate(written, str(path), found)))
         raw: dict[str, Any] = {}
     else:

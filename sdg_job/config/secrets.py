@@ -7,8 +7,6 @@ import os
 import re
 from typing import Any
 
-from sdg_job.errors import RecipeError
-
 # Prefixes of real API keys: a value like this in a recipe is a pasted secret, not an env-var name.
 SECRET_PREFIXES = ("nvapi-", "sk-", "hf_", "ghp_", "xoxb-")
 SECRET_ENV_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -106,13 +104,6 @@ def _flag_secrets(data: Any, prefix: str = "") -> list[tuple[str, str]]:
                     found.append((f"{prefix}.{i}", f"{arg.partition('=')[0]} passes a credential on the command "
                                                    "line; the job gives its servers their keys itself"))  # fmt: skip
     return found
-
-
-def refuse_secret_values(data: dict, source: str) -> None:
-    """Raise for the first secret found (use `secret_problems` to list them all)."""
-    found = secret_problems(data)
-    if found:
-        raise RecipeError(source, *found[0])
 
 
 def without_userinfo(text: str) -> str:
