@@ -4,7 +4,8 @@
 subreaper, runs the real driver as its child (same argv, DRIVER_ENV set) with PR_SET_PDEATHSIG=SIGTERM, forwards
 SIGTERM/SIGHUP/SIGINT (and SIGUSR1 as SIGTERM) to it, returns its exit code, and then ends every process still left
 under it (Ray's dashboard and runtime-env agents, a worker being started: they are orphaned when a local Ray's
-driver is killed, and a subreaper inherits them). So even SIGKILL of the process the user started leaves nothing:
+driver is killed, and a subreaper inherits them) or carrying its mark in their environment (JOB_ENV: the few that
+escape the tree while it is being ended). So even SIGKILL of the process the user started leaves nothing:
 the driver gets SIGTERM and shuts down cleanly, and what a SIGKILLed driver leaves is reaped by the supervisor.
 
 `Signals` is the driver's side: the first SIGTERM/SIGINT/SIGHUP raises `Interrupt` where the job can be stopped,
@@ -21,6 +22,10 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 
 DRIVER_ENV = "SDG_JOB_DRIVER"  # set in the driver: it runs under a supervisor
+# Set to "<pid>:<start time>" of the supervisor in the driver's environment: every process the job starts inherits
+# it, so the supervisor finds what of the job is left even where it escaped its tree (reparented to PID 1 while it
+# was being ended, or started by a process that was dying).
+JOB_ENV = "SDG_JOB_SUPERVISOR"
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SI_KERNEL = 0x80  # si_code of a signal sent by the kernel, e.g. the terminal's Ctrl-C to its foreground group
@@ -73,6 +78,24 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """Live processes (pid → command line) whose environment has name=value, this one aside."""
+    found = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{name}={value}".encode() in environ.split(b"\0") and start_time(int(entry)) is not None:
+            found[int(entry)] = cmdline.strip()
+    return found
+
+
 def start_time(pid: int) -> str | None:
     """When `pid` started (clock ticks since boot); None if it is gone or a zombie."""
     fields = _live_stat(pid)
@@ -111,6 +134,7 @@ def supervise(command: list[str]) -> int:
     """Run `command` (the driver) as a child and return its exit code (128 + signal if it was killed); then end
     every process left below this one."""
     me = os.getpid()
+    token = f"{me}:{start_time(me)}"
     subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
     wanted = {*FORWARDED, AS_SIGTERM, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # taken with sigtimedwait below: nothing runs in a handler
@@ -121,7 +145,7 @@ def supervise(command: list[str]) -> int:
             prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != me:  # the supervisor died before prctl took effect
                 os.kill(os.getpid(), signal.SIGTERM)
-            os.execve(command[0], command, {**os.environ, DRIVER_ENV: "1"})
+            os.execve(command[0], command, {**os.environ, DRIVER_ENV: "1", JOB_ENV: token})
         finally:
             os._exit(127)
     code = None
@@ -140,8 +164,8 @@ def supervise(command: list[str]) -> int:
                     break
                 if done == pid:
                     code = os.waitstatus_to_exitcode(status)
+    end_processes(lambda: sorted({*descendants(me), *processes_with_env(JOB_ENV, token)}))
     if subreaper:
-        end_processes(lambda: descendants(me))
         _reap()  # the last of them died as zombies of this process
     return 128 - code if code < 0 else code
 

@@ -106,23 +106,6 @@ def wait_for(predicate, timeout: float = 300, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def processes_with_env(name: str, value: str) -> dict[int, str]:
-    """Live processes (pid → cmdline) whose environment has name=value: every process a job starts inherits it,
-    orphans too, and nobody else's process carries it. Zombies are gone already (PID 1 reaps them lazily here)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"{name}={value}".encode() in environ.split(b"\0") and start_time(int(entry)) is not None:
-            found[int(entry)] = cmdline.strip()
-    return found
-
-
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory):
     """`datasets`, imported offline with its home in a temp dir (nothing touches ~/.cache or the network)."""

@@ -19,7 +19,8 @@ import pytest
 from sdg_job import lease as lease_mod
 from sdg_job.errors import RecipeError
 from sdg_job.lease import EXPIRY_S, LEASE_FILE, Lease, stale_reason
-from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, wait_for
+from sdg_job.supervise import processes_with_env
+from tests.conftest import read_jsonl, run_cli, start_cli, wait_for
 
 # Long enough to signal mid-run: 8 shards of 3 records, two in flight at a time.
 N = 24

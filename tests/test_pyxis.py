@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from sdg_job.serve import embedded_model_path, free_port, llama_server_binary
-from tests.conftest import DOCKER_SECRET, PROJECT_IMAGE, REPO, all_files, processes_with_env, read_jsonl, wait_for
+from sdg_job.supervise import processes_with_env
+from tests.conftest import DOCKER_SECRET, PROJECT_IMAGE, REPO, all_files, read_jsonl, wait_for
 from tests.test_slurm import ENDED, cluster_profile, launch, sbatch_argv, slurm_cmd, slurm_logs, wait_until_done
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from sdg_job.serve import Server, simulator_spec
-from tests.conftest import TWO_SERVERS, processes_with_env, read_jsonl, run_cli, start_cli, wait_for
+from sdg_job.supervise import processes_with_env
+from tests.conftest import TWO_SERVERS, read_jsonl, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 # Two servers share this machine's cores: one thread each, or llama.cpp's spinning threads starve each other.

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from sdg_job.serve import free_port
-from tests.conftest import REPO, TWO_SERVERS, all_files, processes_with_env, read_jsonl, wait_for
+from sdg_job.supervise import processes_with_env
+from tests.conftest import REPO, TWO_SERVERS, all_files, read_jsonl, wait_for
 
 pytestmark = pytest.mark.e2e
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
