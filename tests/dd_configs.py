@@ -114,7 +114,9 @@ def qa_with_judge(model_alias: str = "openai-text") -> dd.DataDesignerConfigBuil
     return b
 
 
-def every_offline_column_type(seed_file: Path, model_alias: str = "openai-text") -> dd.DataDesignerConfigBuilder:
+def every_offline_column_type(
+    seed_file: Path, model_alias: str = "openai-text", embedding_alias: str = "openai-embedding"
+) -> dd.DataDesignerConfigBuilder:
     """Every column type that runs without a network, a sampler constraint and a processor, over a seed file."""
     b = dd.DataDesignerConfigBuilder()
     b.with_seed_dataset(dd.LocalFileSeedSource(path=str(seed_file)), sampling_strategy=dd.SamplingStrategy.SHUFFLE)
@@ -194,9 +196,28 @@ def every_offline_column_type(seed_file: Path, model_alias: str = "openai-text")
             scores=[dd.Score(name="clear", description="Is it clear?", options={"0": "no", "1": "yes"})],
         )
     )
+    b.add_column(dd.EmbeddingColumnConfig(name="question_embedding", target_column="question",
+                                          model_alias=embedding_alias))  # fmt: skip
     b.add_column(dd.ExpressionColumnConfig(name="summary", expr="{{ asker.first_name }} asks: {{ question }}"))
     b.add_column(dd.ExpressionColumnConfig(name="scratch", expr="{{ ticket }}-{{ tone }}"))
     b.add_processor(dd.DropColumnsProcessorConfig(name="drop_scratch", column_names=["scratch"]))
+    return b
+
+
+def samplers_only() -> dd.DataDesignerConfigBuilder:
+    """No model column: samplers and an expression (the builder's file then names no model at all)."""
+    b = dd.DataDesignerConfigBuilder(model_configs=[])
+    b.add_column(
+        dd.SamplerColumnConfig(
+            name="code", sampler_type=dd.SamplerType.CATEGORY, params=dd.CategorySamplerParams(values=["a", "b", "c"])
+        )
+    )
+    b.add_column(
+        dd.SamplerColumnConfig(
+            name="size", sampler_type=dd.SamplerType.UNIFORM, params=dd.UniformSamplerParams(low=1, high=9)
+        )
+    )
+    b.add_column(dd.ExpressionColumnConfig(name="label", expr="{{ code }}-{{ size }}"))
     return b
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sdg_job.config import load_recipe
+from sdg_job.config.schema import LLAMA_EMBEDDING_ARGS
 from tests import dd_configs
 from tests.conftest import REPO, all_files, read_jsonl, run_cli
 
@@ -25,6 +27,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "code": dd_configs.export(dd_configs.code_with_validation(), d / "code.yaml"),
         "qa": dd_configs.export(dd_configs.qa_with_judge(), d / "qa.json"),  # JSON: write_config's other form
         "all": dd_configs.export(dd_configs.every_offline_column_type(SEEDS), d / "all_types.yaml"),
+        "samplers": dd_configs.export(dd_configs.samplers_only(), d / "samplers.yaml"),
     }
 
 
@@ -59,6 +62,26 @@ def test_without_a_layer_the_builtin_alias_goes_to_its_provider(exported, tmp_pa
     result = run_cli("validate", f"recipe={exported['qa']}", out_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["models"]["openai-text"]["provider"] == "openai"
+
+
+def test_an_embedding_model_is_served_beside_the_chat_models_on_llama_cpp_and_refused_on_vllm(
+    exported, tmp_path: Path
+) -> None:
+    recipe = load_recipe(str(exported["all"]), ["layer=cpu"])
+    (server,) = recipe.servers.values()
+    assert server.aliases == ["openai-text", "openai-embedding"] and server.extra_args[-3:] == LLAMA_EMBEDDING_ARGS
+    assert "--embeddings" not in load_recipe(str(exported["code"]), ["layer=cpu"]).servers["server"].extra_args
+    result = run_cli("validate", f"recipe={exported['all']}", "provider=local", out_dir=tmp_path)  # base: vLLM
+    assert result.returncode == 2, result.stderr
+    assert "models.openai-embedding.inference_parameters.generation_type: an embedding model is served" in (
+        result.stderr
+    )
+
+
+def test_a_config_that_asks_no_model_validates(exported, tmp_path: Path) -> None:
+    result = run_cli("validate", f"recipe={exported['samplers']}", out_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["models"] == {}
 
 
 BAD = {
@@ -111,16 +134,16 @@ def test_every_problem_of_a_config_is_listed_in_one_run(exported, tmp_path: Path
 # ---------------------------------------------------------------- runs on the embedded model
 
 
-def _run(config: Path, out: Path, *extra: str) -> tuple[list[dict], dict]:
+def _run(config: Path, out: Path, *extra: str, n: int = N) -> tuple[list[dict], dict]:
     digest = hashlib.sha256(config.read_bytes()).hexdigest()
-    result = run_cli("run", f"recipe={config}", "layer=cpu", f"num_records={N}", *extra, out_dir=out)
+    result = run_cli("run", f"recipe={config}", "layer=cpu", f"num_records={n}", *extra, out_dir=out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert hashlib.sha256(config.read_bytes()).hexdigest() == digest  # the config is read, never changed
     name = config.stem
     manifest = json.loads((out / f"{name}.manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["records"] == N
+    assert manifest["status"] == "complete" and manifest["records"] == n
     records = read_jsonl(out / f"{name}.jsonl")
-    assert len(records) == N
+    assert len(records) == n
     return records, manifest
 
 
@@ -156,7 +179,8 @@ def test_every_offline_column_type_a_constraint_and_a_processor(exported, tmp_pa
     for record in records:
         assert "scratch" not in record  # dropped by the drop_columns processor
         for column in ("tone", "style", "difficulty", "when", "ticket", "asker", "question", "snippet",
-                       "snippet_check", "labels", "clarity", "summary", "domain", "topic"):  # fmt: skip
+                       "snippet_check", "labels", "clarity", "question_embedding", "summary", "domain",
+                       "topic"):  # fmt: skip
             assert column in record, column
         assert record["difficulty"] >= 1  # the scalar constraint
         assert {"domain": record["domain"], "topic": record["topic"]} in [
@@ -164,3 +188,14 @@ def test_every_offline_column_type_a_constraint_and_a_processor(exported, tmp_pa
         ]
         assert record["summary"].startswith(f"{record['asker']['first_name']} asks: ")
         assert isinstance(record["labels"]["title"], str) and isinstance(record["snippet_check"]["is_valid"], bool)
+        # the embedded model's embedding of the question, from the same server as the chat columns (576 wide)
+        (vector,) = record["question_embedding"]["embeddings"]
+        assert len(vector) == 576 and all(isinstance(x, float) for x in vector)
+
+
+@pytest.mark.e2e
+def test_a_config_that_asks_no_model_runs_without_a_server(exported, tmp_path: Path) -> None:
+    records, manifest = _run(exported["samplers"], tmp_path, "generation.shard_size=3", n=7)
+    assert [list(r) for r in records] == [["code", "size", "label"]] * 7
+    assert all(r["label"] == f"{r['code']}-{r['size']}" for r in records)
+    assert manifest["usage"] == {}

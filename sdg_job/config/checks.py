@@ -72,6 +72,26 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
             report(e.key, e.message, e.source)
             fields, seed_known = list(recipe.seed_dataset.fields or []), bool(recipe.seed_dataset.fields)
     available = set(fields) | broken
+    _check_columns(recipe, available, broken, seed_known, source, report)
+    if recipe.data_designer is not None:
+        problems, carried = dd_problems(recipe.data_designer, set(recipe.models) | broken, fields)
+        found += [(source, key, message) for key, message in problems]
+        available |= carried
+    if recipe.seed_dataset is not None and seed_known and recipe.data_designer is None:
+        try:  # fields used anywhere must be in every seed row (the error names the line)
+            read_seed_rows(recipe.seed_dataset.path, required_fields=set(fields))
+        except RecipeError as e:
+            report(e.key, e.message, e.source)
+    if seed_known:
+        _check_projection(recipe, available, report)
+    _check_filters(recipe, available, seed_known, report)
+    return found
+
+
+def _check_columns(recipe: Recipe, available: set[str], broken: frozenset[str], seed_known: bool, source: str,
+                   report) -> None:  # fmt: skip
+    """The recipe shape's columns in order: names, model aliases, samplers, and the names each template uses (each
+    column's own name joins `available` for the columns after it)."""
     for name, col in recipe.columns.items():
         key = f"columns.{name}"
         if name in available - broken:
@@ -99,17 +119,9 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
                     f"refers to {sorted(unknown)}, which is neither a seed field nor an earlier column",
                 )
         available.add(name)
-    if recipe.data_designer is not None:
-        problems, carried = dd_problems(recipe.data_designer, set(recipe.models) | broken, fields)
-        found += [(source, key, message) for key, message in problems]
-        available |= carried
-    if recipe.seed_dataset is not None and seed_known and recipe.data_designer is None:
-        try:  # fields used anywhere must be in every seed row (the error names the line)
-            read_seed_rows(recipe.seed_dataset.path, required_fields=set(fields))
-        except RecipeError as e:
-            report(e.key, e.message, e.source)
-    if seed_known:
-        _check_projection(recipe, available, report)
+
+
+def _check_filters(recipe: Recipe, available: set[str], seed_known: bool, report) -> None:
     for i, f in enumerate(recipe.filters):
         column = recipe.columns.get(f.column)
         if f.column not in available and seed_known:
@@ -117,7 +129,6 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
         elif isinstance(column, LLMJudgeColumn) and f.score not in {s.name for s in column.scores}:
             names = sorted(s.name for s in column.scores)
             report(f"filters.{i}.score", f"judge column {f.column!r} has scores {names}")
-    return found
 
 
 def _check_sampler(col: SamplerColumn, key: str, report) -> None:
@@ -154,21 +165,7 @@ def _check_projection(recipe: Recipe, available: set[str], report) -> None:
             need(f, getattr(proj, f))
         if not need("judge", proj.judge, (LLMJudgeColumn, LLMStructuredColumn)) or proj.judge not in recipe.columns:
             return
-        judge = recipe.columns[proj.judge]
-        if isinstance(judge, LLMJudgeColumn):
-            score = next((s for s in judge.scores if s.name == proj.score), None)
-            options = set(score.options) if score else None
-        else:  # a judge given as a schema (the Nemotron step's output_format): its winner property
-            assert isinstance(judge, LLMStructuredColumn)
-            props = judge.output_format.get("properties")
-            prop = props.get(proj.score) if isinstance(props, dict) else None
-            enum = prop.get("enum") if isinstance(prop, dict) else None
-            strings = isinstance(enum, list) and all(isinstance(e, str) for e in enum)
-            options = None if prop is None else set(enum) if strings else set()  # type: ignore[arg-type]
-        if options is None:
-            report(f"{key}.score", f"judge column {proj.judge!r} has no score {proj.score!r}")
-        elif options != {"A", "B"}:
-            report(f"{key}.score", "the preference score's options must be exactly A and B")
+        _check_preference_score(recipe, proj, report)
         return
     for i, field in enumerate(proj.metadata_fields):
         need(f"metadata_fields.{i}", field)
@@ -182,23 +179,49 @@ def _check_projection(recipe: Recipe, available: set[str], report) -> None:
         if msg.tool_call is not None:
             need(f"messages.{i}.tool_call", msg.tool_call, LLMStructuredColumn)
     if isinstance(proj, StructuredMessagesProjection):
-        for i, tool in enumerate(proj.tools):
-            fn = tool.get("function")
-            if tool.get("type") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-                report(f"{key}.tools.{i}", "must be {type: function, function: {name, parameters}}")
-                continue
-            parameters = fn.get("parameters") or {}
-            if not isinstance(parameters, dict):
-                report(f"{key}.tools.{i}.function.parameters", "must be a JSON schema (a mapping)")
-                continue
-            try:
-                jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator).check_schema(
-                    parameters
-                )
-            except jsonschema.SchemaError as e:
-                report(f"{key}.tools.{i}.function.parameters", f"not a JSON schema: {e.message}")
+        _check_tools(proj.tools, report)
         if proj.source is None and sum(m.tool_call is not None for m in proj.messages) != 1:
             report(f"{key}.messages", "needs exactly one assistant message with tool_call")
+
+
+def _check_preference_score(recipe: Recipe, proj: DPOPreferenceProjection, report) -> None:
+    """The judge's preference score has exactly the options A and B."""
+    key = "output_projection"
+    judge = recipe.columns[proj.judge]
+    if isinstance(judge, LLMJudgeColumn):
+        score = next((s for s in judge.scores if s.name == proj.score), None)
+        options = set(score.options) if score else None
+    else:  # a judge given as a schema (the Nemotron step's output_format): its winner property
+        assert isinstance(judge, LLMStructuredColumn)
+        props = judge.output_format.get("properties")
+        prop = props.get(proj.score) if isinstance(props, dict) else None
+        enum = prop.get("enum") if isinstance(prop, dict) else None
+        strings = isinstance(enum, list) and all(isinstance(e, str) for e in enum)
+        options = None if prop is None else set(enum) if strings else set()  # type: ignore[arg-type]
+    if options is None:
+        report(f"{key}.score", f"judge column {proj.judge!r} has no score {proj.score!r}")
+    elif options != {"A", "B"}:
+        report(f"{key}.score", "the preference score's options must be exactly A and B")
+
+
+def _check_tools(tools: list[dict], report) -> None:
+    """Each tool is an OpenAI function with a JSON schema for its parameters."""
+    key = "output_projection"
+    for i, tool in enumerate(tools):
+        fn = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+            report(f"{key}.tools.{i}", "must be {type: function, function: {name, parameters}}")
+            continue
+        parameters = fn.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            report(f"{key}.tools.{i}.function.parameters", "must be a JSON schema (a mapping)")
+            continue
+        try:
+            jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator).check_schema(
+                parameters
+            )
+        except jsonschema.SchemaError as e:
+            report(f"{key}.tools.{i}.function.parameters", f"not a JSON schema: {e.message}")
 
 
 def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) -> list[tuple[str, str]]:
@@ -230,6 +253,17 @@ def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) 
                        "is for engine vllm; a layer that names a model per server, such as layer=judge, is for GPU "
                        "nodes)")  # fmt: skip
             found.append((f"{recipe.serve_key(name)}.model", message))
+    for alias in local:  # vLLM runs a model either to generate or to embed, never both on one server
+        serving = [spec.engine for spec in servers.values() if alias in spec.aliases or not several]
+        engine = serving[0] if serving else None
+        if alias not in broken and recipe.models[alias].inference_parameters.embeds and engine == "vllm":
+            found.append(
+                (
+                    f"models.{alias}.inference_parameters.generation_type",
+                    "an embedding model is served by "
+                    "the job's llama_cpp servers, or by a provider (models.ALIAS.provider=NAME); not by vLLM",
+                )
+            )
     if not several and not servers[""].aliases:
         return found
     for alias in local:

@@ -135,6 +135,11 @@ def _model(mc: dict[str, Any]) -> dict[str, Any]:
     kept = {k: params[k] for k in scalars if isinstance(params.get(k), int | float)}
     if isinstance(params.get("extra_body"), dict):
         kept["extra_body"] = params["extra_body"]
+    if params.get("generation_type") == "embedding":
+        kept["generation_type"] = "embedding"
+        kept.pop("max_tokens", None)
+        if isinstance(params.get("dimensions"), int):
+            kept["dimensions"] = params["dimensions"]
     model = {"model": mc.get("model"), "inference_parameters": kept}
     if mc.get("provider"):
         model["provider"] = mc["provider"]
@@ -160,7 +165,6 @@ def _seed_dataset(seed: Any, source: str, found: Problems) -> dict[str, Any] | N
 
 # What the job cannot run, by column type: it needs a network at run time, or code that a config file cannot carry.
 REFUSED_COLUMNS = {
-    "embedding": "embedding columns are not served by the job yet (its servers serve chat completions)",
     "image": "image columns need an image-generation endpoint, which the job does not serve",
     "custom": "a custom column's Python function does not travel in a config file",
 }

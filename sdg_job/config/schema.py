@@ -33,6 +33,24 @@ class InferenceParameters(Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     timeout: int | None = Field(default=300, ge=1)
     extra_body: dict[str, Any] | None = None
+    generation_type: Literal["chat-completion", "embedding"] = Field(
+        default="chat-completion",
+        description="Data Designer's: embedding for a model that embeds text (an `embedding` column's); on the job's "
+        "own llama.cpp server it is served beside the chat models (llama-server --embeddings)",
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="embedding only: the embedding's size, if the "
+                                   "model can shorten it")  # fmt: skip
+
+    @property
+    def embeds(self) -> bool:
+        return self.generation_type == "embedding"
+
+
+# The keys above added after recipes were hashed: left out of the hash at their default, so a recipe's identity is
+# what it was before they existed.
+NEWER_MODEL_KEYS = {"generation_type": "chat-completion", "dimensions": None}
+# What llama-server needs to answer /v1/embeddings too (its chat completions go on as before).
+LLAMA_EMBEDDING_ARGS = ["--embeddings", "--pooling", "mean"]
 
 
 class ModelSpec(Strict):
@@ -421,7 +439,9 @@ class Recipe(Strict):
     providers: dict[str, ProviderSpec] = {}
     serve: Serve | None = None
     seed_dataset: SeedDataset | None = None
-    models: dict[str, ModelSpec] = Field(min_length=1)
+    models: dict[str, ModelSpec] = Field(
+        default={}, description="at least one, but for a Data Designer config whose columns ask no model"
+    )
     columns: dict[str, Column] = {}
     data_designer: dict[str, Any] | None = Field(
         default=None,
@@ -437,6 +457,8 @@ class Recipe(Strict):
     def _columns_or_data_designer(self) -> Recipe:
         if bool(self.columns) == (self.data_designer is not None):
             raise ValueError("give `columns` (this job's recipe shape) or `data_designer` (a Data Designer config)")
+        if not self.models and self.data_designer is None:
+            raise ValueError("models: give at least one model")
         return self
 
     @field_validator("name")
@@ -465,12 +487,20 @@ class Recipe(Strict):
             return {}
         if not isinstance(self.serve, ServeGroup):
             aliases = [a for a in self.serve.aliases if a in local] or local
-            return {"server": self.serve.model_copy(update={"aliases": aliases})}
+            return {"server": self._serving(self.serve, aliases)}
         return {
-            name: spec.model_copy(update={"aliases": [a for a in spec.aliases if a in local]})
+            name: self._serving(spec, [a for a in spec.aliases if a in local])
             for name, spec in self.serve.servers.items()
             if set(spec.aliases) & set(local)
         }
+
+    def _serving(self, spec: ServeSpec, aliases: list[str]) -> ServeSpec:
+        """`spec` as it runs for `aliases`: a llama.cpp server with an embedding model among them embeds too."""
+        update: dict[str, Any] = {"aliases": aliases}
+        embeds = any(self.models[a].inference_parameters.embeds for a in aliases)
+        if embeds and spec.engine == "llama_cpp" and "--embeddings" not in spec.extra_args:
+            update["extra_args"] = [*spec.extra_args, *LLAMA_EMBEDDING_ARGS]
+        return spec.model_copy(update=update)
 
     def serve_key(self, server: str) -> str:
         """Where a server's keys are written, for messages: `serve.servers.NAME`, or `serve` for a single section."""
@@ -551,6 +581,11 @@ def recipe_hash(recipe: Recipe) -> str:
             spec.pop(key, None)
         if spec.get("aliases") == []:  # a single serve: serves every local model, as before the key existed
             spec.pop("aliases")
+    for model in data["models"].values():
+        params = model["inference_parameters"]
+        for key, default in NEWER_MODEL_KEYS.items():
+            if params.get(key) == default:
+                params.pop(key)
     for provider in (data.get("providers") or {}).values():  # quotas and the preflight pace and check a provider:
         for key in OPERATIONAL_PROVIDER_KEYS:  # lowering a quota after a burst of 429s keeps the finished shards
             provider.pop(key, None)
