@@ -245,7 +245,8 @@ def failing_message(recipe: Recipe, e: EndpointFailing) -> str:
 
 
 def preflight(recipe: Recipe, source: str) -> None:
-    """One 1-token chat completion per model the recipe sends to a remote provider, with the recipe's key, before
+    """One 1-token chat completion (an embedding of one word, for an embedding model) per model the recipe sends to a
+    remote provider, with the recipe's key, before
     Ray, a lease or a shard: a wrong key, a model the endpoint does not serve, or an endpoint that does not answer
     ends the job here (RecipeError, exit 2), in one line that names the provider, the endpoint and the cause.
 
@@ -255,12 +256,21 @@ def preflight(recipe: Recipe, source: str) -> None:
     A 429 or 5xx is not the recipe's fault: it is logged and the job goes on (the run paces and retries those)."""
     for name in recipe.remote_providers:
         models = {
-            m.model for a, m in recipe.models.items() if recipe.provider_of(a) == name and not m.skip_health_check
+            (m.model, m.inference_parameters.embeds)
+            for a, m in recipe.models.items()
+            if recipe.provider_of(a) == name and not m.skip_health_check
         }
         _preflight(name, recipe.providers[name], sorted(models), source)
 
 
-def _preflight(name: str, provider: ProviderSpec, models: list[str], source: str) -> None:
+def _probe(model: str, embeds: bool) -> tuple[str, dict[str, Any]]:
+    """The smallest request that shows the model is served: its path and body."""
+    if embeds:
+        return "/embeddings", {"model": model, "input": "Hi"}
+    return "/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+
+
+def _preflight(name: str, provider: ProviderSpec, models: list[tuple[str, bool]], source: str) -> None:
     if name == "nvidia" and provider.api_key_env and not os.environ.get(provider.api_key_env):
         raise RecipeError(
             "environment",
@@ -278,12 +288,12 @@ def _preflight(name: str, provider: ProviderSpec, models: list[str], source: str
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(headers=headers, timeout=PREFLIGHT_TIMEOUT) as client:
-        for model in models:
-            body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        for model, embeds in models:
+            path, body = _probe(model, embeds)
             try:
-                answer = client.post(f"{url}/chat/completions", json=body)
+                answer = client.post(f"{url}{path}", json=body)
             except httpx.TimeoutException:
-                raise fail(f"no answer within {PREFLIGHT_TIMEOUT.read:.0f} s (a 1-token chat completion)") from None
+                raise fail(f"no answer within {PREFLIGHT_TIMEOUT.read:.0f} s (POST {path} of one word)") from None
             except httpx.HTTPError as e:
                 raise fail(f"cannot reach it ({transport_cause(e)})") from None
             status, said = answer.status_code, provider_message(answer)
@@ -297,10 +307,12 @@ def _preflight(name: str, provider: ProviderSpec, models: list[str], source: str
                 served = served_models(client, url)
                 listed = f"; it serves: {', '.join(served)}" if served else ""
                 raise fail(f"HTTP 404: model {model!r} is not served there ({said}){listed}")
+            if status == 501:  # the endpoint does not do what the model is for (embeddings, say)
+                raise fail(f"HTTP 501: POST {path} for model {model!r} is not implemented there ({said})")
             if status >= 400:
                 shown = without_userinfo(url)
                 log.warning("preflight %s, model %s: HTTP %d (%s); going on", shown, model, status, said)
-    log.info("preflight: %s answers for %s", without_userinfo(url), ", ".join(models))
+    log.info("preflight: %s answers for %s", without_userinfo(url), ", ".join(model for model, _ in models))
 
 
 def provider_message(answer: httpx.Response, limit: int = 200) -> str:

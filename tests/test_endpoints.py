@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from sdg_job.config import load_recipe, recipe_hash
+from sdg_job.config.schema import LLAMA_EMBEDDING_ARGS
 from sdg_job.endpoints import Pace, preflight
 from sdg_job.errors import RecipeError
 from sdg_job.serve import Server, free_port, simulator_spec
@@ -135,6 +136,22 @@ def test_the_right_key_passes(keyed, monkeypatch, caplog) -> None:
     with caplog.at_level("INFO", logger="sdg_job.endpoints"):
         preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={keyed}"]), "tiny")
     assert f"preflight: {keyed} answers for" in caplog.text
+
+
+@pytest.mark.e2e
+def test_an_embedding_model_is_checked_with_an_embedding(keyed, monkeypatch, tmp_path: Path) -> None:
+    """llama-server answers /v1/embeddings only when started for it: the same model passes as a chat model and is
+    refused as an embedding model, and passes as one where the server embeds."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    embed = "models.embed={model: smollm2-135m, inference_parameters: {generation_type: embedding}}"
+    with pytest.raises(RecipeError, match="HTTP 501: POST /embeddings for model 'smollm2-135m' is not implemented"):
+        preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={keyed}", embed]), "tiny")
+    spec = load_recipe("tiny").serve
+    assert spec is not None
+    spec = spec.model_copy(update={"extra_args": LLAMA_EMBEDDING_ARGS})
+    with Server(spec, tmp_path / "server.log", api_key=KEY) as server:
+        preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={server.endpoint}", embed]),
+                  "tiny")  # fmt: skip
 
 
 @pytest.mark.e2e
