@@ -255,58 +255,120 @@ def check_ssh_identity(path: Path, profile: Profile) -> None:
             raise RecipeError(str(path), "slurm.ssh.identity", f"{p.ssh.identity}: no such file on this machine")
 
 
+class Backend:
+    """How the job runs on one executor: NeMo-Run's executor for the profile, where its experiments go, the
+    command line's form, and what to fix in the task's executor before the run and to say after it."""
+
+    python = "python3"  # the image's, or the cluster's venv on PATH
+    metadata: dict = {}
+
+    def executor(self, profile: Profile):
+        raise NotImplementedError
+
+    def base_dir(self, profile: Profile) -> str | None:
+        raise NotImplementedError
+
+    def args(self, args: list[str]) -> list[str]:
+        return args
+
+    def prepare(self, job_executor, name: str) -> None:
+        """The task's own executor (NeMo-Run's copy of ours, assigned its experiment and job dirs)."""
+
+    def report(self, job_executor) -> int:
+        return 0
+
+
+class LocalBackend(Backend):
+    python = sys.executable
+
+    def executor(self, profile: Profile):
+        import nemo_run as run
+
+        return run.LocalExecutor()
+
+    def base_dir(self, profile: Profile) -> str | None:
+        return str(Path(profile.local.job_dir).resolve())
+
+    def prepare(self, job_executor, name: str) -> None:
+        # The job dir on this machine; NeMo-Run does not set NEMO_RUN_DIR itself.
+        job_executor.env_vars["NEMO_RUN_DIR"] = job_executor.job_dir
+
+    def report(self, job_executor) -> int:
+        print(f"output under: {job_executor.env_vars['NEMO_RUN_DIR']}/sdg")
+        return 0
+
+
+class DockerBackend(Backend):
+    def executor(self, profile: Profile):
+        assert profile.docker is not None
+        return docker_executor(profile.docker)
+
+    def base_dir(self, profile: Profile) -> str | None:
+        assert profile.docker is not None
+        return str(Path(profile.docker.job_dir).resolve())
+
+    def report(self, job_executor) -> int:
+        return docker_outcome(job_executor.job_dir)
+
+
+class SlurmBackend(Backend):
+    metadata = {"use_with_ray_cluster": True}
+
+    def executor(self, profile: Profile):
+        assert profile.slurm is not None
+        return slurm_executor(profile.slurm)
+
+    def base_dir(self, profile: Profile) -> str | None:
+        # NeMo-Run writes the experiment to <base_dir>/experiments/…: with the LocalTunnel that is the job dir on shared
+        # storage, where the tunnel's job_dir points. Over SSH it is NeMo-Run's home on this machine (NEMORUN_HOME,
+        # ~/.nemo_run); NeMo-Run copies it (rsync) to the tunnel's job_dir on the cluster before submitting.
+        assert profile.slurm is not None
+        return None if profile.slurm.tunnel == "ssh" else profile.slurm.job_dir
+
+    def args(self, args: list[str]) -> list[str]:
+        return [shlex.quote(a) for a in args]  # the command lands in a shell line of the sbatch script
+
+    def prepare(self, job_executor, name: str) -> None:
+        # sbatch opens the job's output file before the script runs: put it in the task's job dir, which NeMo-Run has
+        # made by then (its default, <job dir>/ray/logs, does not exist yet and the job dies unstarted). The path is
+        # the cluster's (the tunnel's job_dir); over SSH NeMo-Run's rsync has put the dir there first.
+        job_executor.job_details.folder = os.path.join(job_executor.tunnel.job_dir, Path(job_executor.job_dir).name)
+
+    def report(self, job_executor) -> int:
+        import nemo_run as run
+
+        tunnel = job_executor.tunnel
+        where = f"{tunnel.user}@{tunnel.host}:" if isinstance(tunnel, run.SSHTunnel) else ""
+        print(f"job dir: {where}{job_executor.job_details.folder} (output under its sdg/)")
+        return 0
+
+
+BACKENDS: dict[str, Backend] = {"local": LocalBackend(), "docker": DockerBackend(), "slurm": SlurmBackend()}
+
+
 def launch(executor_name: str, profile: Profile, args: list[str], name: str, dryrun: bool) -> int:
     import nemo_run as run
     from invoke.exceptions import UnexpectedExit  # NeMo-Run's tunnels run commands with invoke
 
-    python, metadata = sys.executable, {}
-    base_dir: str | None
-    if executor_name == "slurm" and profile.slurm:
-        # NeMo-Run writes the experiment to <base_dir>/experiments/…: with the LocalTunnel that is the job dir on shared
-        # storage, where the tunnel's job_dir points. Over SSH it is NeMo-Run's home on this machine (NEMORUN_HOME,
-        # ~/.nemo_run); NeMo-Run copies it (rsync) to the tunnel's job_dir on the cluster before submitting.
-        executor = slurm_executor(profile.slurm)
-        base_dir = None if profile.slurm.tunnel == "ssh" else profile.slurm.job_dir
-        # The command lands in a shell line of the sbatch script: quote each argument.
-        args, python, metadata = [shlex.quote(a) for a in args], "python3", {"use_with_ray_cluster": True}
-    elif executor_name == "docker" and profile.docker:
-        executor, base_dir = docker_executor(profile.docker), str(Path(profile.docker.job_dir).resolve())
-        python = "python3"
-    else:
-        executor, base_dir = run.LocalExecutor(), str(Path(profile.local.job_dir).resolve())
-    task = run.Script(path="sdg_job", args=args, entrypoint=python, m=True, metadata=metadata)
-
-    with run.Experiment(name, executor=executor, base_dir=base_dir, log_level="WARN") as exp:
-        if executor_name == "local":  # the job dir on this machine; NeMo-Run does not set NEMO_RUN_DIR itself
-            executor.env_vars["NEMO_RUN_DIR"] = os.path.join(exp._exp_dir, name)
+    backend = BACKENDS[executor_name]
+    args = backend.args(args)
+    task = run.Script(path="sdg_job", args=args, entrypoint=backend.python, m=True, metadata=dict(backend.metadata))
+    executor = backend.executor(profile)
+    with run.Experiment(name, executor=executor, base_dir=backend.base_dir(profile), log_level="WARN") as exp:
         exp.add(task, name=name)
-        if executor_name == "slurm":
-            # sbatch opens the job's output file before the script runs: put it in the task's job dir, which NeMo-Run
-            # has made by then (its default, <job dir>/ray/logs, does not exist yet and the job dies unstarted). The
-            # path is the cluster's (the tunnel's job_dir); over SSH NeMo-Run's rsync has put the dir there first.
-            task_executor = exp.jobs[-1].executor
-            task_executor.job_details.folder = os.path.join(
-                task_executor.tunnel.job_dir, Path(task_executor.job_dir).name
-            )
+        job_executor = exp.jobs[-1].executor
+        backend.prepare(job_executor, name)
         if dryrun:
             exp.dryrun(log=False, delete_exp_dir=False)
-            print(describe(executor_name, exp._exp_dir, name, executor, args))
+            print(describe(executor_name, job_executor.experiment_dir, name, executor, args))
             return 0
         try:
             exp.run(detach=executor_name == "slurm", tail_logs=False)
         except UnexpectedExit as e:  # a command for the cluster (mkdir, rsync, sbatch), locally or over SSH
             print(f"error: {cluster_command_failed(e)}", file=sys.stderr)
             return 1
-        print(f"experiment: {exp._exp_dir}")
-        if executor_name == "slurm":
-            tunnel = exp.jobs[-1].executor.tunnel
-            where = f"{tunnel.user}@{tunnel.host}:" if isinstance(tunnel, run.SSHTunnel) else ""
-            print(f"job dir: {where}{exp.jobs[-1].executor.job_details.folder} (output under its sdg/)")
-        if executor_name == "local":
-            print(f"output under: {executor.env_vars['NEMO_RUN_DIR']}/sdg")
-    if executor_name == "docker":  # leaving the experiment waited for the container
-        return docker_outcome(exp.jobs[-1].executor.job_dir)
-    return 0
+        print(f"experiment: {job_executor.experiment_dir}")
+    return backend.report(job_executor)  # after leaving the experiment, which waits for a Docker container
 
 
 def cluster_command_failed(e: UnexpectedExit) -> str:
