@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sdg_job.supervise import start_time
-from tests.conftest import REPO, all_files, processes_with_env, wait_for
+from sdg_job.supervise import processes_with_env, start_time
+from tests.conftest import REPO, all_files, wait_for
 from tests.test_launch import everything_written
 from tests.test_slurm import (
     CLUSTER_SCRIPT,

