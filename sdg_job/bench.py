@@ -292,7 +292,8 @@ print(json.dumps({"ms_per_record": 1000 * (time.process_time() - cpu) / n}))
 
 def data_designer_alone(url: str, work: Path, variant: str, records: int, in_flight: int, warmup: int,
                         max_tokens: int) -> float:  # fmt: skip
-    """CPU ms per record of Data Designer's generate() alone, `released` or `fixed` (sdg_job.dd_hotpath)."""
+    """CPU ms per record of Data Designer's generate() alone, `released` or `fixed` (sdg_job.dd_hotpath). Both with
+    the job's request observer (sdg_job.observe), which generate() always installs: results depend on it."""
     argv = [sys.executable, "-c", DATA_DESIGNER_ALONE, url, str(work), variant, *map(str, (records, in_flight,
             warmup, max_tokens))]  # fmt: skip
     out = subprocess.run(argv, cwd=REPO, check=True, capture_output=True, text=True)

@@ -1,9 +1,9 @@
 """`python -m sdg_job run|validate recipe=NAME|PATH [key=value …] [--preview] [--fresh]`.
 
-Exit codes: 0 ok; 2 bad input (recipe, seed file, override) or the run dir held by another driver, with nothing
-written; 1 runtime failure; 143 stopped by SIGTERM (Slurm's time limit, preemption, scancel), 130 by Ctrl-C, 129
-by SIGHUP, with the manifest saying `interrupted`. After 1 and 128+N, finished shards are kept so the same command
-resumes.
+Exit codes: 0 ok; 2 bad input (recipe, seed file, override), the run dir held by another driver, or a Data Designer
+whose requests the job cannot observe (sdg_job.observe), with nothing written; 1 runtime failure; 143 stopped by
+SIGTERM (Slurm's time limit, preemption, scancel), 130 by Ctrl-C, 129 by SIGHUP, with the manifest saying
+`interrupted`. After 1 and 128+N, finished shards are kept so the same command resumes.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from sdg_job import observe
 from sdg_job.config import check_recipe, load_recipe, recipe_dict, resolve_recipe_path
-from sdg_job.errors import Interrupted, JobError, RecipeError
+from sdg_job.errors import EngineMismatch, Interrupted, JobError, RecipeError
 from sdg_job.generate import offline_environment
 from sdg_job.outputs import check_output_path
 
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         preview_home = Path(tempfile.gettempdir()) / "sdg-job-preview"
         offline_environment(preview_home if getattr(ns, "preview", False) else recipe.run_dir / "dd_home")
         check_recipe(recipe, source)
+        # Before any server or worker starts: a Data Designer whose requests the job cannot observe would keep cut
+        # answers and lose the causes of failed requests and the quota pacing, silently. Exit 2.
+        observe.check()
         if ns.command == "validate":  # run's checks this machine can answer (the nodes' GPUs it cannot)
             check_output_path(recipe, source, create=False)
             print(yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True), end="")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             f"dropped: {manifest['dropped'] or 'none'}; {manifest['wall_time_s']} s"
         )
         return 0
-    except RecipeError as e:
+    except (RecipeError, EngineMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:

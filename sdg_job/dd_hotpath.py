@@ -20,44 +20,25 @@ results the same (except that a pathologically nested Markdown answer no longer 
    again (an lru_cache keeps no failures), each a network round trip, or a connect timeout where a firewall
    drops packets. One attempt per process; after a failure counting is skipped, which Data Designer handles.
 
-Beside them, one observation the job needs and Data Designer 0.9.7 does not keep: which answers were cut at
-`max_tokens` (`finish_reason: length`). A text cell is only the answer's text, so a cut answer looks complete;
-`cut_answers` collects their texts, and `generate` flags the rows that carry one (they are dropped as `truncated`).
-And a second: why requests failed. Data Designer drops a row whose request failed and says only that rows failed;
-`request_errors` counts each failed request by cause (Data Designer's own classification of the provider's answer:
-auth, not_found, connection, rate_limited, …), with the provider's words for each in `request_error_said` and its
-name in `request_error_provider`. The same wrapper (one around each request) paces requests to a provider with a
-quota (`paces`: a turn of `providers.<name>.max_requests_per_minute`, and with `max_tokens_per_minute` as many
-tokens as the prompt and max_tokens may take, settled with the usage the answer reports); Data Designer's adaptive
-concurrency and its handling of Retry-After act only after a 429.
-
 They apply only to the Data Designer version they were measured and tested on. On any other version they are
-skipped with a warning, so an upgrade never runs patched code nobody checked against it.
+skipped with a warning, so an upgrade never runs patched code nobody checked against it; skipping them costs
+time, not results (but see 2). (What the job must observe of each request, which results do depend on, is
+`sdg_job.observe`'s, which works on any version that has what it hooks into, or refuses to start.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import os
-import time
-from collections import Counter
 from importlib.metadata import version
 from typing import Any
 
 log = logging.getLogger("sdg_job.dd_hotpath")
 
-TESTED_VERSION = "0.9.7"
+TESTED_VERSION = "0.9.7"  # the Data Designer version these fixes, and sdg_job.observe's hook, were tested on
+# Per process, and only about speed: whether the fixes are in, and why tiktoken could not load (fix 5).
 _applied: bool | None = None  # None: not tried yet
-tokenizer_error: str | None = None  # why cl100k_base could not be loaded in this process
-cut_answers: set[str] = set()  # stripped texts of answers cut at max_tokens in this process (generate clears it)
-request_errors: Counter[str] = Counter()  # failed requests in this process by cause (generate clears it)
-request_error_said: dict[str, str] = {}  # the provider's message, one per cause
-request_error_provider: dict[str, str] = {}  # which provider (Data Designer's provider name) failed so, one per cause
-# provider name → (the job's endpoints.Pace actor, whether it counts tokens), for providers with a quota
-paces: dict[str, tuple[Any, bool]] = {}
+tokenizer_error: str | None = None
 
 
 def apply() -> bool:
@@ -72,7 +53,6 @@ def apply() -> bool:
             _share_ssl_contexts()
             _smaller_connection_pools()
             _one_tokenizer_download_attempt()
-            _observe_requests()
         else:
             log.warning("Data Designer %s: hot-path fixes skipped (tested on %s)", found, TESTED_VERSION)
     return _applied
@@ -150,80 +130,3 @@ def _one_tokenizer_download_attempt() -> None:
 
     get_cl100k_base_tokenizer.__wrapped__ = load  # type: ignore[attr-defined]
     token_counting.get_cl100k_base_tokenizer = get_cl100k_base_tokenizer
-
-
-def _observe_requests() -> None:
-    """One wrapper around each model request: wait for the pace, call, note a cut answer or a failed request."""
-    import ray
-    from data_designer.engine.models.clients.errors import ProviderError
-    from data_designer.engine.models.facade import ModelFacade
-    from data_designer.engine.models.utils import GenerationTruncationReason, classify_generation_truncation_reason
-
-    from sdg_job.endpoints import request_cause
-
-    def note_cut(response: Any) -> Any:
-        if classify_generation_truncation_reason(response) == GenerationTruncationReason.MAX_TOKENS:
-            cut_answers.add((response.message.content or "").strip())  # as Data Designer stores the cell
-        return response
-
-    def note_error(facade: ModelFacade, e: ProviderError) -> None:
-        cause = request_cause(getattr(e.kind, "value", str(e.kind)))
-        request_errors[cause] += 1
-        request_error_said.setdefault(cause, f"HTTP {e.status_code}: {e.message}" if e.status_code else e.message)
-        request_error_provider.setdefault(cause, facade.model_provider_name)
-
-    completion, acompletion = ModelFacade.completion, ModelFacade.acompletion
-
-    def tokens_asked(facade: ModelFacade, args: tuple, kwargs: dict) -> int:
-        """What a provider counts against a token quota before it answers: the prompt (~4 characters a token) and
-        the answer's max_tokens."""
-        messages = args[0] if args else kwargs.get("messages") or []
-        chars = sum(len(json.dumps(m.to_dict() if hasattr(m, "to_dict") else m, default=str)) for m in messages)
-        max_tokens = kwargs.get("max_tokens") or facade._model_config.inference_parameters.max_tokens or 0
-        return chars // 4 + int(max_tokens)
-
-    def settle(pace: Any, asked: int, response: Any) -> None:
-        """Tells the pacer what the request really took (fire and forget: the next reservation sees it). Without a
-        reported usage the estimate stands; a failed request took nothing (a 429 is not counted against the quota).
-        Never raises: a pacer gone at shutdown must not replace the answer or the request's own error."""
-        usage = getattr(response, "usage", None)
-        used = (usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)) if usage else 0
-        if response is not None and not used:
-            return
-        with contextlib.suppress(Exception):
-            pace.settle.remote(used - asked)
-
-    def observed_completion(self, *args, **kwargs):
-        pace, counts_tokens = paces.get(self.model_provider_name, (None, False))
-        asked = tokens_asked(self, args, kwargs) if counts_tokens else 0
-        if pace is not None and (wait := ray.get(pace.reserve.remote(asked))) > 0:
-            time.sleep(wait)
-        response = None
-        try:
-            response = note_cut(completion(self, *args, **kwargs))
-            return response
-        except ProviderError as e:
-            note_error(self, e)
-            raise
-        finally:
-            if counts_tokens:
-                settle(pace, asked, response)
-
-    async def observed_acompletion(self, *args, **kwargs):
-        pace, counts_tokens = paces.get(self.model_provider_name, (None, False))
-        asked = tokens_asked(self, args, kwargs) if counts_tokens else 0
-        if pace is not None and (wait := await pace.reserve.remote(asked)) > 0:
-            await asyncio.sleep(wait)
-        response = None
-        try:
-            response = note_cut(await acompletion(self, *args, **kwargs))
-            return response
-        except ProviderError as e:
-            note_error(self, e)
-            raise
-        finally:
-            if counts_tokens:
-                settle(pace, asked, response)
-
-    ModelFacade.completion = observed_completion  # type: ignore[method-assign]
-    ModelFacade.acompletion = observed_acompletion  # type: ignore[method-assign]

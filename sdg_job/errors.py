@@ -26,6 +26,13 @@ def all_problems(source: str, problems: list[tuple[str, str, str]]) -> RecipeErr
     return RecipeError(source, "", f"{len(problems)} problems:\n" + "\n".join(lines))
 
 
+class EngineMismatch(Exception):
+    """The installed Data Designer lacks what the job hooks into to observe its requests (a version other than the
+    tested one). Exit 2; nothing has been written."""
+
+    exit_code = 2
+
+
 class JobError(Exception):
     """Runtime failure (server died, budget exhausted, ...). Exit 1; finished shards are kept for resume."""
 

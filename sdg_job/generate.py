@@ -1,7 +1,7 @@
 """One shard's records: recipe columns → Data Designer config → `create()` against each model's endpoint → raw rows.
 
-This is the only module that drives Data Designer's engine (dd_hotpath only patches it). It knows nothing of YAML,
-Ray or merging.
+This is the only module that drives Data Designer's engine (dd_hotpath and observe only patch it). It knows nothing
+of YAML, Ray or merging.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class GenerationResult:
     usage: dict[str, dict[str, int]] = field(default_factory=dict)  # per model alias: requests answered, tokens
     error: str | None = None
     reasons: dict[str, int] = field(default_factory=dict)
-    request_errors: dict[str, int] = field(default_factory=dict)  # failed requests by cause (dd_hotpath.CAUSES)
+    request_errors: dict[str, int] = field(default_factory=dict)  # failed requests by cause (endpoints.CAUSES)
     request_error: str | None = None  # the provider's words for the most frequent cause
     request_error_provider: str | None = None  # and which provider said them
 
@@ -58,9 +58,9 @@ def offline_environment(home: Path) -> None:
 
 
 def load_engine() -> float:
-    """Import Data Designer and install the hot-path fixes; returns the CPU seconds it took (~0 once loaded).
-    A worker pays this once, so the manifest reports it apart from the per-record cost."""
-    from sdg_job import dd_hotpath
+    """Import Data Designer, install the hot-path fixes and the request observer's hook; returns the CPU seconds it
+    took (~0 once loaded). A worker pays this once, so the manifest reports it apart from the per-record cost."""
+    from sdg_job import dd_hotpath, observe
 
     started = time.process_time()
     if "data_designer" not in sys.modules and os.environ.get("DATA_DESIGNER_HOME"):
@@ -71,6 +71,7 @@ def load_engine() -> float:
     from data_designer.interface import DataDesigner  # noqa: F401  (the package imports lazily, on access)
 
     dd_hotpath.apply()
+    observe.install()
     return time.process_time() - started
 
 
@@ -244,8 +245,9 @@ def generate(
     from data_designer.engine.models.usage_events import subscribe_token_usage
     from data_designer.interface import DataDesigner
 
-    from sdg_job import dd_hotpath
+    from sdg_job import observe
 
+    observe.install()  # once per process; results depend on it (a no-op after load_engine)
     providers = [dd.ModelProvider(name=e.provider, endpoint=e.url, api_key=e.api_key_env or "none")
                  for e in routes.endpoints]  # fmt: skip
     designer = DataDesigner(artifact_path=work_dir, model_providers=providers, auto_configure_logging=False)
@@ -260,15 +262,12 @@ def generate(
         )
     )
     builder = build_config(recipe, routes, seed_rows)
-    dd_hotpath.cut_answers.clear()
-    dd_hotpath.request_errors.clear()
-    dd_hotpath.request_error_said.clear()
-    dd_hotpath.request_error_provider.clear()
-    dd_hotpath.paces = {e.provider: (e.pace, e.paces_tokens) for e in routes.endpoints if e.pace is not None}
+    observer = observe.RequestObserver.for_routes(routes)  # this call's own: cut answers, failed requests, paces
     counter = _TokenCounter(guided_aliases(recipe))
     unsubscribe = subscribe_token_usage(counter)
     try:
-        result = designer.create(builder, num_records=num_records, dataset_name="shard")
+        with observer.watching():
+            result = designer.create(builder, num_records=num_records, dataset_name="shard")
         frame = result.load_dataset()
         rows = json.loads(frame.to_json(orient="records", force_ascii=False))
         error = None
@@ -279,8 +278,8 @@ def generate(
         unsubscribe()
     failed = max(num_records - len(rows), 0)
     if not recipe.generation.keep_truncated:
-        flag_cut_answers(recipe, rows, dd_hotpath.cut_answers)
-    causes = dd_hotpath.request_errors.most_common()
+        flag_cut_answers(recipe, rows, observer.cut_answers)
+    causes = observer.errors.most_common()
     # Rows lost with failed requests count under the cause of most of them; without any, the model's output failed
     # (unparsable structured output, Data Designer's own checks).
     reason = causes[0][0] if causes else "generation_failed"
@@ -294,6 +293,6 @@ def generate(
         error=error,
         reasons={reason: failed} if failed else {},
         request_errors=dict(causes),
-        request_error=dd_hotpath.request_error_said.get(causes[0][0]) if causes else None,
-        request_error_provider=dd_hotpath.request_error_provider.get(causes[0][0]) if causes else None,
+        request_error=observer.said.get(causes[0][0]) if causes else None,
+        request_error_provider=observer.provider.get(causes[0][0]) if causes else None,
     )
