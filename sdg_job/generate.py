@@ -126,20 +126,20 @@ def build_config(recipe: Recipe, routes: Routes, seed_rows: list[dict] | None):
             # Per request, as the model cards say; a system-prompt switch like /no_think is not honoured by all.
             kwargs = {**body.get("chat_template_kwargs", {}), "enable_thinking": spec.reasoning == "on"}
             body["chat_template_kwargs"] = kwargs
+        common = {"timeout": params.timeout, "max_parallel_requests": endpoint.max_parallel_requests,
+                  "extra_body": body or None}  # fmt: skip
+        if params.embeds:
+            inference = dd.EmbeddingInferenceParams(dimensions=params.dimensions, **common)
+        else:
+            sampling = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens}
+            inference = dd.ChatCompletionInferenceParams(**sampling, **common)
         builder.add_model_config(
             dd.ModelConfig(
                 alias=alias,
                 model=endpoint.served_model or spec.model,
                 provider=endpoint.provider,
                 skip_health_check=True,
-                inference_parameters=dd.ChatCompletionInferenceParams(
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    max_tokens=params.max_tokens,
-                    timeout=params.timeout,
-                    max_parallel_requests=endpoint.max_parallel_requests,
-                    extra_body=body or None,
-                ),
+                inference_parameters=inference,
             )
         )
 
@@ -250,6 +250,8 @@ def generate(
     observe.install()  # once per process; results depend on it (a no-op after load_engine)
     providers = [dd.ModelProvider(name=e.provider, endpoint=e.url, api_key=e.api_key_env or "none")
                  for e in routes.endpoints]  # fmt: skip
+    if not providers:  # a config that asks no model; Data Designer wants a provider all the same, and calls none
+        providers = [dd.ModelProvider(name="none", endpoint="http://127.0.0.1:9/v1", api_key="none")]
     designer = DataDesigner(artifact_path=work_dir, model_providers=providers, auto_configure_logging=False)
     # Early shutdown would throw away every good row of the shard when a small model misbehaves; the job
     # counts failures itself and tops up, so keep whatever succeeds.
