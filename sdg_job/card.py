@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import yaml
+from typing_extensions import TypeAliasType
 
 from sdg_job.config.secrets import mask_secrets
 
@@ -28,8 +29,9 @@ SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_
          (10**11, "10B<n<100B"), (10**12, "100B<n<1T")]  # fmt: skip
 TAGS = {"openai_messages": "sft", "dpo_preference": "dpo", "structured_messages": "tool-calling"}
 
-# A dtype name, a struct (field → type) or a list ([element type]).
-Type: TypeAlias = str | dict[str, "Type"] | list["Type"]
+# A dtype name, a struct (field → type) or a list ([element type]). Named with TypeAliasType: pydantic builds no schema
+# for a recursive plain alias, and a shard's summary (sdg_job.summary) carries these.
+Type = TypeAliasType("Type", "str | dict[str, Type] | list[Type]")
 Columns: TypeAlias = dict[str, Type]
 
 

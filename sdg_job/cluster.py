@@ -30,6 +30,7 @@ from sdg_job.plan import Shard
 from sdg_job.serve import API_KEY_ENV, Server, answers_health, describe, split_gpus
 from sdg_job.shard import run_shard
 from sdg_job.store import RunStore
+from sdg_job.summary import ShardSummary
 
 NODE_RESOURCE = "sdg_node"
 log = logging.getLogger("sdg_job")
@@ -153,7 +154,7 @@ class NodeServer:
 
 @ray.remote(num_cpus=1, max_retries=0)
 def shard_task(recipe: Recipe, shard: Shard, seed_rows: list[dict], routes: Routes, api_key: str | None,
-               run_dir: str, attempt: int) -> dict:  # fmt: skip
+               run_dir: str, attempt: int) -> ShardSummary:  # fmt: skip
     if api_key:
         os.environ[API_KEY_ENV] = api_key
     own = list(routes.own.values())

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -21,6 +21,9 @@ from sdg_job.config import ProviderSpec, Recipe
 from sdg_job.config.secrets import without_userinfo
 from sdg_job.errors import RecipeError
 from sdg_job.serve import API_KEY_ENV, check_weights_staged
+
+if TYPE_CHECKING:
+    from sdg_job.summary import ShardSummary
 
 log = logging.getLogger("sdg_job.endpoints")
 REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoint of unknown capacity
@@ -209,19 +212,18 @@ class EndpointWatch:
     def __init__(self) -> None:
         self.failing_since: dict[str, float] = {}
 
-    def saw(self, summary: dict[str, Any]) -> None:
+    def saw(self, summary: ShardSummary) -> None:
         """Called with each committed shard's summary; raises EndpointFailing to stop the job."""
-        errors = summary.get("request_errors") or {}
+        errors = summary.request_errors
         cause = next(iter(errors)) if len(errors) == 1 else None
-        if summary["generated"] or cause not in INCURABLE_AFTER_S:
+        if summary.generated or cause not in INCURABLE_AFTER_S:
             self.failing_since.clear()  # a shard that gave anything, or failed otherwise: the endpoint works
             return
         since = self.failing_since.setdefault(cause, time.monotonic())
         if time.monotonic() - since >= INCURABLE_AFTER_S[cause]:
             # Which provider failed (a recipe may use several); a shard from before it was noted: the recipe's.
-            provider = summary.get("request_error_provider") or "?"
-            raise EndpointFailing(cause, summary.get("request_error"), summary["shard"], time.monotonic() - since,
-                                  provider)  # fmt: skip
+            provider = summary.request_error_provider or "?"
+            raise EndpointFailing(cause, summary.request_error, summary.shard, time.monotonic() - since, provider)
 
 
 def failing_message(recipe: Recipe, e: EndpointFailing) -> str:

@@ -58,7 +58,7 @@ class Job:
         planned = {s.id for s in self.shards}
         for shard_id, summary in self.summaries.items():
             if shard_id not in planned:
-                self.shards.append(self._shard(shard_index(shard_id), summary["requested"]))
+                self.shards.append(self._shard(shard_index(shard_id), summary.requested))
         self.skipped = len(self.summaries)
         self.failures: list[dict] = []  # crashed or server-lost shard attempts, retried
         self.output_shards: list[str] = []  # the committed shards the output took records from (set by merge)

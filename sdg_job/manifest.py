@@ -8,6 +8,7 @@ import platform
 import resource
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import numpy as np
 from sdg_job.config import Recipe, ServeGroup, recipe_dict, recipe_hash
 from sdg_job.seeds import file_sha256
 from sdg_job.store import RunStore
+from sdg_job.summary import ShardSummary
 from sdg_job.tokens import tokenizer_name
 
 if TYPE_CHECKING:
@@ -45,13 +47,13 @@ def build_manifest(
     records, dupes = job.store.unique_count(ids, recipe.num_records)
     dropped: Counter[str] = Counter()
     for x in summaries.values():
-        dropped.update(x["dropped"])
+        dropped.update(x.dropped)
     if dupes:
         dropped["duplicate"] += dupes
-    tokens_out = sum(x["output_tokens"] for x in summaries.values())
+    tokens_out = sum(x.output_tokens for x in summaries.values())
     request_errors: Counter[str] = Counter()
     for x in summaries.values():
-        request_errors.update(x.get("request_errors") or {})
+        request_errors.update(x.request_errors)
     return {
         "status": status,
         "recipe": recipe.name,
@@ -69,16 +71,16 @@ def build_manifest(
         "num_records": recipe.num_records,
         "records": records,
         "attempted": job.attempted(),
-        "generated": sum(x["generated"] for x in summaries.values()),
+        "generated": sum(x.generated for x in summaries.values()),
         "dropped": dict(sorted(dropped.items())),
         "request_errors": dict(sorted(request_errors.items())),  # failed requests by cause (a row may have several)
         "retries": len(job.failures),
         "failures": job.failures,
         "server_restarts": sum(s.get("restarts", 0) for s in server_info),
-        "tokens": {"input": sum(x["input_tokens"] for x in summaries.values()), "output": tokens_out},
+        "tokens": {"input": sum(x.input_tokens for x in summaries.values()), "output": tokens_out},
         "usage": usage_by_alias(summaries.values()),
         "record_tokens": record_tokens(recipe, job.store, ids),
-        "shards": [{k: v for k, v in summaries[i].items() if k != "columns"} for i in ids],
+        "shards": [summaries[i].manifest_entry() for i in ids],
         "shards_skipped_on_resume": job.skipped,
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 2),
@@ -121,25 +123,25 @@ def model_entry(recipe: Recipe, alias: str) -> dict[str, Any]:
     return entry
 
 
-def usage_by_alias(summaries) -> dict[str, dict[str, int]]:
+def usage_by_alias(summaries: Iterable[ShardSummary]) -> dict[str, dict[str, int]]:
     """Requests answered and tokens per model alias, over every committed shard (a shard of an older version, which
     did not count them, adds nothing)."""
     total: dict[str, Counter[str]] = {}
     for x in summaries:
-        for alias, usage in (x.get("usage") or {}).items():
+        for alias, usage in x.usage.items():
             total.setdefault(alias, Counter()).update(usage)
     return {alias: dict(usage) for alias, usage in sorted(total.items())}
 
 
-def client_cpu(timings: dict[str, float], summaries, records: int) -> dict[str, Any]:
+def client_cpu(timings: dict[str, float], summaries: Iterable[ShardSummary], records: int) -> dict[str, Any]:
     """Client cost: CPU seconds of the driver and of every shard worker (all their threads). `steady_ms_per_record`
     leaves out what a job pays once whatever its size (driver start-up, each worker importing Data Designer)."""
     summaries = list(summaries)
     seconds = {
         "driver_startup": timings.get("driver_cpu_startup", 0.0),
         "driver_loop": timings.get("driver_cpu", 0.0) - timings.get("driver_cpu_startup", 0.0),
-        "worker_engine_load": sum(x.get("engine_load_cpu_s", 0.0) for x in summaries),
-        "shards": sum(x.get("cpu_s", 0.0) for x in summaries),
+        "worker_engine_load": sum(x.engine_load_cpu_s for x in summaries),
+        "shards": sum(x.cpu_s for x in summaries),
     }
     per_record = (lambda cpu: round(1000 * cpu / records, 3)) if records else (lambda cpu: None)
     return {

@@ -57,4 +57,4 @@ def preview(recipe: Recipe, source: str, count: int = 3) -> tuple[list[dict], di
         shard = plan_shards(size, size, len(seed_rows), strategy, recipe.generation.random_seed)[0]
         with _in_process_servers(recipe, store.logs_dir) as shard_routes:
             summary = run_shard(recipe, shard, [seed_rows[i] for i in shard.seed_rows], shard_routes, store)
-        return store.records(shard.id), summary["dropped"]
+        return store.records(shard.id), summary.dropped

@@ -77,7 +77,7 @@ def write_card(job: Job, manifest: dict[str, Any]) -> Path:
     # committed by a version that found none leaves the features to datasets.
     columns: Columns | None = {}
     for shard_id in job.output_shards:
-        found = job.summaries[shard_id].get("columns")
+        found = job.summaries[shard_id].columns
         columns = None if columns is None or found is None else merge_columns(columns, found)
     atomic_write(path, dataset_card(manifest, samples, manifest["output_files"], columns))
     return path

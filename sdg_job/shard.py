@@ -17,6 +17,7 @@ from sdg_job.generate import generate, load_engine
 from sdg_job.plan import Shard
 from sdg_job.project import project_rows, scaffolding_labels
 from sdg_job.store import RunStore
+from sdg_job.summary import ShardSummary
 from sdg_job.tokens import record_tokens
 
 
@@ -29,7 +30,7 @@ def run_shard(
     attempt: int = 0,
     server_ok: Callable[[], bool] | None = None,
     node_id: str | None = None,
-) -> dict:
+) -> ShardSummary:
     """Generate, project and commit one shard; returns its summary. Commits nothing if the server died.
     `seed_rows` are this shard's own, one per record (`Shard.seed_rows` picks them)."""
     if (committed := store.committed(shard.id)) is not None:  # an attempt the driver thought lost committed it
@@ -44,31 +45,30 @@ def run_shard(
     labels = scaffolding_labels(recipe)
     records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters, labels)
     dropped.update(result.reasons)
-    summary = {
-        "shard": shard.id,
-        "requested": shard.size,
-        "generated": len(result.rows),
-        "valid": len(records),
-        "dropped": dict(dropped),
-        "input_tokens": result.input_tokens,
-        "output_tokens": result.output_tokens,
-        "usage": result.usage,  # per model alias
-        "seconds": round(time.monotonic() - started, 3),
-        "cpu_s": round(time.process_time() - cpu_started, 3),  # this worker process, all its threads
-        "engine_load_cpu_s": round(engine_load_cpu, 3),  # once per worker process
-        "retries": attempt,
-        "random_seed": shard.random_seed,
-        # the node's (first) own server, if any models are served there
-        "endpoint": without_userinfo(routes.endpoints[0].url),
-        "endpoints": {alias: without_userinfo(e.url) for alias, e in routes.by_alias.items()},
-        "worker": f"{os.uname().nodename}:{os.getpid()}",
-        "node_id": node_id,
-        "error": result.error,
-        "request_errors": result.request_errors,  # failed requests by cause (a row may have several)
-        "request_error": redact_keys(result.request_error, routes),
-        "request_error_provider": result.request_error_provider,
-        "columns": column_types(records),  # for the dataset card's features, found here rather than by the driver
-    }
+    summary = ShardSummary(
+        shard=shard.id,
+        requested=shard.size,
+        generated=len(result.rows),
+        valid=len(records),
+        dropped=dict(dropped),
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        usage=result.usage,
+        seconds=round(time.monotonic() - started, 3),
+        cpu_s=round(time.process_time() - cpu_started, 3),
+        engine_load_cpu_s=round(engine_load_cpu, 3),
+        retries=attempt,
+        random_seed=shard.random_seed,
+        endpoint=without_userinfo(routes.endpoints[0].url),
+        endpoints={alias: without_userinfo(e.url) for alias, e in routes.by_alias.items()},
+        worker=f"{os.uname().nodename}:{os.getpid()}",
+        node_id=node_id,
+        error=result.error,
+        request_errors=result.request_errors,
+        request_error=redact_keys(result.request_error, routes),
+        request_error_provider=result.request_error_provider,
+        columns=column_types(records),  # for the dataset card's features, found here rather than by the driver
+    )
     # Counted by the job's own server, which knows the model's tokenizer (a remote provider exposes none).
     server = recipe.counting_server
     tokens = None

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from sdg_job.errors import JobError, RecipeError
+from sdg_job.summary import ShardSummary
 
 DIGEST_SIZE = 16
 DATA_SUFFIXES = (".jsonl", ".digests", ".tokens")  # a shard attempt's files, beside its summary (.json)
 TOKEN_COUNT = np.dtype("<u4")  # a record's tokens (sdg_job.tokens), in a shard's .tokens file
 IDENTITY_FILE = "run.json"  # the recipe hash the run dir's shards were made by
 WRITTEN_FILE = "outputs.json"  # the files beside the output that this run dir's merges wrote (sdg_job.outputs)
-TOTALS = ("requested", "valid", "output_tokens")  # kept summed: the progress line reads them on every turn
 
 
 def synced_temp(path: Path, data: bytes) -> Path:
@@ -102,10 +102,11 @@ class RunStore:
         self.run_dir = run_dir
         self.shards_dir = run_dir / "shards"
         self.logs_dir = run_dir / "logs"
-        self.summaries: dict[str, dict[str, Any]] = {}  # committed shards, by id
+        self.summaries: dict[str, ShardSummary] = {}  # committed shards, by id
         self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
         self._tokens: dict[str, bytes] = {}  # their records' token counts (TOKEN_COUNT), where the shard counted them
-        self.totals: Counter[str] = Counter()  # their summaries' counts summed (requested, valid, output_tokens)
+        # Their summaries' counts summed (requested, valid, output_tokens): the progress line reads them every turn.
+        self.totals: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()  # their dropped records summed by reason
         self._last_selection: tuple[Any, Any] = (None, None)  # (shards and limit, their selection)
 
@@ -147,34 +148,35 @@ class RunStore:
         return self.shards_dir / f"{shard_id}.json"
 
     def commit(
-        self, shard_id: str, records: list[dict], summary: dict[str, Any], tokens: list[int] | None = None
-    ) -> dict[str, Any]:
+        self, shard_id: str, records: list[dict], summary: ShardSummary, tokens: list[int] | None = None
+    ) -> ShardSummary:
         """Called where the shard ran; returns the shard's summary as committed. The records, their digests (and
         token counts) go under names of this attempt's own; the summary, put in place last, names them (`files`)
         and marks the shard complete, once: if another attempt committed it first (a retry while a worker thought
         lost still ran), that one stays, and this attempt's files are removed. A committed shard never changes."""
-        summary["files"] = files = f"{shard_id}.{secrets.token_hex(4)}"
+        files = f"{shard_id}.{secrets.token_hex(4)}"
+        summary = summary.model_copy(update={"files": files})
         atomic_write(self.shards_dir / f"{files}.jsonl", jsonl(records))
         atomic_write(self.shards_dir / f"{files}.digests", b"".join(record_digest(r) for r in records))
         if tokens is not None and len(tokens) == len(records):
             atomic_write(self.shards_dir / f"{files}.tokens", np.asarray(tokens, dtype=TOKEN_COUNT).tobytes())
-        if publish_once(self.summary_path(shard_id), json.dumps(summary, indent=1) + "\n"):
+        if publish_once(self.summary_path(shard_id), summary.to_json()):
             return summary
         for suffix in DATA_SUFFIXES:
             (self.shards_dir / f"{files}{suffix}").unlink(missing_ok=True)
         return self.committed(shard_id) or summary
 
-    def committed(self, shard_id: str) -> dict[str, Any] | None:
-        """The summary of a shard committed on disk, or None."""
+    def committed(self, shard_id: str) -> ShardSummary | None:
+        """The summary of a shard committed on disk, or None. Every read of a shard file is this one."""
         try:
-            return json.loads(self.summary_path(shard_id).read_text())
+            return ShardSummary.from_json(self.summary_path(shard_id).read_text())
         except FileNotFoundError:
             return None
 
     def sweep(self) -> int:
         """Remove what no committed shard names: files of attempts that crashed before committing (or lost to
         another), temp files. Only safe when no attempt of this run is still running: after the job's end."""
-        named = {summary["files"] for summary in self.summaries.values()}
+        named = {summary.files for summary in self.summaries.values()}
         swept = 0
         for path in self.shards_dir.iterdir():
             orphan = path.suffix in DATA_SUFFIXES and path.stem not in named
@@ -183,8 +185,8 @@ class RunStore:
                 swept += 1
         return swept
 
-    def records_path(self, summary: dict[str, Any]) -> Path:
-        return self.shards_dir / f"{summary['files']}.jsonl"
+    def records_path(self, summary: ShardSummary) -> Path:
+        return self.shards_dir / f"{summary.files}.jsonl"
 
     def records(self, shard_id: str) -> list[dict]:
         """A committed shard's records."""
@@ -197,23 +199,23 @@ class RunStore:
 
     # ------------------------------------------------------------ the index of committed shards (driver side)
 
-    def load_committed(self) -> dict[str, dict[str, Any]]:
+    def load_committed(self) -> dict[str, ShardSummary]:
         """Index every shard complete on disk (a resumed run, or shards that committed while being abandoned);
         returns the summaries by shard id, in id order."""
         for path in sorted(self.shards_dir.glob("shard-*.json")):
-            if path.stem not in self.summaries:
-                self.note_committed(path.stem, json.loads(path.read_text()))
+            if path.stem not in self.summaries and (summary := self.committed(path.stem)) is not None:
+                self.note_committed(path.stem, summary)
         return self.summaries
 
-    def note_committed(self, shard_id: str, summary: dict[str, Any]) -> None:
-        digests = (self.shards_dir / f"{summary['files']}.digests").read_bytes()  # first: a failure here adds nothing
+    def note_committed(self, shard_id: str, summary: ShardSummary) -> None:
+        digests = (self.shards_dir / f"{summary.files}.digests").read_bytes()  # first: a failure here adds nothing
         self._digests[shard_id] = digests
-        tokens = self.shards_dir / f"{summary['files']}.tokens"
+        tokens = self.shards_dir / f"{summary.files}.tokens"
         if tokens.exists():
             self._tokens[shard_id] = tokens.read_bytes()
         self.summaries[shard_id] = summary
-        self.totals.update({key: summary.get(key, 0) for key in TOTALS})
-        self.dropped.update(summary.get("dropped", {}))
+        self.totals.update(requested=summary.requested, valid=summary.valid, output_tokens=summary.output_tokens)
+        self.dropped.update(summary.dropped)
 
     def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
         """Which records of these committed shards, read in this order, make the output: the first copy of each,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdg_job import bench
+from sdg_job.summary import ShardSummary
 from sdg_job.supervise import start_time
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +90,14 @@ def start_cli(*args: str, out_dir: Path, env: dict[str, str] | None = None) -> s
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def shard_summary(shard: str = "shard-00000", **fields) -> ShardSummary:
+    """A shard's summary as a worker reports it, with zeros for what a test does not look at."""
+    zeros = {"requested": 0, "generated": 0, "valid": 0, "dropped": {}, "input_tokens": 0, "output_tokens": 0,
+             "seconds": 0.0, "retries": 0, "random_seed": 0, "endpoint": "http://127.0.0.1:8000/v1",
+             "worker": "host:1", "error": None}  # fmt: skip
+    return ShardSummary(**{"shard": shard, **zeros, **fields})
 
 
 def all_files(root: Path) -> list[Path]:

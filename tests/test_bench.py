@@ -12,7 +12,7 @@ import pytest
 from sdg_job.config import load_recipe
 from sdg_job.endpoints import concurrency
 from sdg_job.manifest import client_cpu
-from tests.conftest import REPO
+from tests.conftest import REPO, shard_summary
 
 
 def test_concurrency_fills_each_server_with_overlapping_shards() -> None:
@@ -25,7 +25,7 @@ def test_concurrency_fills_each_server_with_overlapping_shards() -> None:
 
 def test_client_cost_sets_apart_what_a_job_pays_once() -> None:
     timings = {"driver_cpu_startup": 1.0, "driver_cpu": 1.5}  # start-up, then 0.5 s in the loop
-    shards = [{"cpu_s": 2.0, "engine_load_cpu_s": 0.6}, {"cpu_s": 2.0, "engine_load_cpu_s": 0.0}]
+    shards = [shard_summary(cpu_s=2.0, engine_load_cpu_s=0.6), shard_summary(cpu_s=2.0, engine_load_cpu_s=0.0)]
     cpu = client_cpu(timings, shards, 1000)
     assert cpu["steady_ms_per_record"] == 4.5  # (0.5 + 2 + 2) s over 1000 records
     assert cpu["ms_per_record"] == 6.1  # and the 1.6 s paid once

@@ -17,10 +17,10 @@ import pytest
 
 from sdg_job.config import load_recipe, recipe_hash
 from sdg_job.config.schema import LLAMA_EMBEDDING_ARGS
-from sdg_job.endpoints import Pace, preflight
+from sdg_job.endpoints import EndpointFailing, EndpointWatch, Pace, preflight
 from sdg_job.errors import RecipeError
 from sdg_job.serve import Server, free_port, simulator_spec
-from tests.conftest import REPO, read_jsonl, run_cli, start_cli, wait_for
+from tests.conftest import REPO, read_jsonl, run_cli, shard_summary, start_cli, wait_for
 
 KEY = "sk-SENTINEL-endpoint-key-0123456789"
 WRONG = "sk-SENTINEL-wrong-key-9876543210"
@@ -255,3 +255,14 @@ def test_quotas_and_the_preflight_are_not_part_of_what_a_run_generates() -> None
     for change in ("max_requests_per_minute=30", "max_tokens_per_minute=9000", "preflight=false"):
         assert recipe_hash(load_recipe("tiny", [*base, f"providers.openai.{change}"])) == same, change
     assert recipe_hash(load_recipe("tiny", [*base, "models.text.model=another"])) != same  # what it generates
+
+
+def test_the_watch_stops_a_job_only_when_whole_shards_fail_with_one_incurable_cause() -> None:
+    watch = EndpointWatch()
+    watch.saw(shard_summary(generated=0, request_errors={"timeout": 5}))  # curable: retries may help
+    watch.saw(shard_summary(generated=3, request_errors={"auth": 1}))  # the endpoint works for some requests
+    with pytest.raises(EndpointFailing) as failing:
+        watch.saw(shard_summary("shard-00007", generated=0, request_errors={"auth": 5}, request_error="bad key",
+                                request_error_provider="openai"))  # fmt: skip
+    e = failing.value
+    assert (e.cause, e.said, e.shard, e.provider) == ("auth", "bad key", "shard-00007", "openai")

@@ -20,7 +20,7 @@ from sdg_job import lease as lease_mod
 from sdg_job.errors import RecipeError
 from sdg_job.lease import EXPIRY_S, LEASE_FILE, Lease, stale_reason
 from sdg_job.supervise import processes_with_env
-from tests.conftest import read_jsonl, run_cli, start_cli, wait_for
+from tests.conftest import read_jsonl, run_cli, shard_summary, start_cli, wait_for
 
 # Long enough to signal mid-run: 8 shards of 3 records, two in flight at a time.
 N = 24
@@ -174,7 +174,7 @@ def test_fresh_wipes_the_run_dir_but_not_the_lease_of_the_driver_wiping_it(tmp_p
     try:
         store = RunStore(tmp_path)
         store.open("a" * 64, False, "recipe")
-        store.commit("shard-00000", [{"x": 1}], {"shard": "shard-00000"})
+        store.commit("shard-00000", [{"x": 1}], shard_summary())
         store.open("b" * 64, True, "recipe", keep=(LEASE_FILE,))
         assert store.load_committed() == {}
         assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == lease.token

@@ -13,6 +13,7 @@ from sdg_job.job import Job
 from sdg_job.manifest import build_manifest
 from sdg_job.plan import plan_shards, shard_id, shard_index, top_up_sizes
 from sdg_job.publish import merge, write_card
+from tests.conftest import shard_summary
 
 
 def test_shard_sizes_cover_exactly_num_records() -> None:
@@ -73,8 +74,8 @@ def tiny_job_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def commit(job: Job, index: int, records: int, requested: int) -> None:
     rows = [{"messages": [{"role": "user", "content": f"{index}-{i}"}]} for i in range(records)]
-    summary = {"requested": requested, "generated": requested, "valid": records, "dropped": {}, "input_tokens": 9,
-               "output_tokens": 9, "columns": column_types(rows)}  # fmt: skip
+    summary = shard_summary(shard_id(index), requested=requested, generated=requested, valid=records, input_tokens=9,
+                            output_tokens=9, columns=column_types(rows))  # fmt: skip
     job.store.commit(shard_id(index), rows, summary)
 
 

@@ -13,8 +13,9 @@ from sdg_job.config import load_recipe
 from sdg_job.errors import JobError
 from sdg_job.plan import plan_shards
 from sdg_job.shard import run_shard
-from sdg_job.store import RunStore
-from tests.conftest import read_jsonl
+from sdg_job.store import RunStore, record_digest
+from sdg_job.summary import SUMMARY_VERSION, ShardSummary
+from tests.conftest import read_jsonl, shard_summary
 
 
 def record(i: int) -> dict:
@@ -29,8 +30,8 @@ def store(tmp_path: Path) -> RunStore:
 
 
 def commit(store: RunStore, shard_id: str, numbers: list[int]) -> None:
-    store.commit(shard_id, [record(i) for i in numbers], {"shard": shard_id, "requested": len(numbers)})
-    store.note_committed(shard_id, json.loads(store.summary_path(shard_id).read_text()))
+    store.commit(shard_id, [record(i) for i in numbers], shard_summary(shard_id, requested=len(numbers)))
+    store.note_committed(shard_id, store.committed(shard_id))  # as the driver reads it: from disk
 
 
 def test_selection_keeps_first_copies_in_plan_order_and_counts_dupes_before_the_cut(store: RunStore) -> None:
@@ -46,8 +47,8 @@ def test_token_counts_are_those_of_exactly_the_selected_records(store: RunStore)
     """Each record's count (sdg_job.tokens, committed beside the records) follows the selection: duplicates and
     records past the cut are left out. Without counts from every shard there are none (the card says so)."""
     for shard_id, numbers in [("shard-00000", [0, 1, 1, 2]), ("shard-00001", [2, 3, 4])]:
-        store.commit(shard_id, [record(i) for i in numbers], {"shard": shard_id}, tokens=[10 + i for i in numbers])
-        store.note_committed(shard_id, json.loads(store.summary_path(shard_id).read_text()))
+        store.commit(shard_id, [record(i) for i in numbers], shard_summary(shard_id), tokens=[10 + i for i in numbers])
+        store.note_committed(shard_id, store.committed(shard_id))  # as the driver reads it: from disk
     assert store.record_tokens(["shard-00000", "shard-00001"], limit=4).tolist() == [10, 11, 12, 13]
     commit(store, "shard-00002", [5])  # a shard whose server could not count
     assert store.record_tokens(["shard-00000", "shard-00001", "shard-00002"], limit=100) is None
@@ -79,11 +80,11 @@ def test_a_shard_file_that_disagrees_with_its_digests_stops_the_merge(store: Run
 def test_a_committed_shard_never_changes_whatever_attempt_lands_later(store: RunStore, tmp_path: Path) -> None:
     """A retry runs while the first attempt, thought lost, still runs: whichever commits first stays; the other
     gets that summary back and removes its own files; a retry that starts after the commit does no work."""
-    first = store.commit("shard-00000", [record(i) for i in (0, 1, 2)], {"shard": "shard-00000", "requested": 3})
-    late = store.commit("shard-00000", [record(i) for i in (0, 0, 5)], {"shard": "shard-00000", "requested": 3})
+    first = store.commit("shard-00000", [record(i) for i in (0, 1, 2)], shard_summary(requested=3))
+    late = store.commit("shard-00000", [record(i) for i in (0, 0, 5)], shard_summary(requested=3))
     assert late == first
     assert sorted(p.name for p in store.shards_dir.iterdir()) == sorted(
-        [f"{first['files']}.jsonl", f"{first['files']}.digests", "shard-00000.json"])  # fmt: skip
+        [f"{first.files}.jsonl", f"{first.files}.digests", "shard-00000.json"])  # fmt: skip
     resumed = RunStore(store.run_dir)
     assert resumed.load_committed()["shard-00000"] == first
     assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == (3, ["shard-00000"])
@@ -123,3 +124,51 @@ def test_a_shard_carries_its_seed_rows_lazily_whatever_its_size() -> None:
     (shard,) = plan_shards(50_000, 50_000, n_seed_rows=5_000, strategy="shuffle", base_seed=3)
     assert len(pickle.dumps(shard)) < 300
     assert len(shard.seed_rows) == 50_000 and sorted(shard.seed_rows[:5_000]) == list(range(5_000))
+
+
+# A shard file as the version before ShardSummary wrote it: an untyped dict, no `version`.
+UNTYPED = {"shard": "shard-00000", "requested": 3, "generated": 3, "valid": 2, "dropped": {"invalid_json": 1},
+           "input_tokens": 30, "output_tokens": 60,
+           "usage": {"text": {"requests": 3, "input_tokens": 30, "output_tokens": 60}}, "seconds": 1.5, "cpu_s": 0.4,
+           "engine_load_cpu_s": 2.1, "retries": 1, "random_seed": 2**63 + 5, "endpoint": "http://127.0.0.1:8080/v1",
+           "endpoints": {"text": "http://127.0.0.1:8080/v1"}, "worker": "node1:4242", "node_id": "ab12",
+           "error": None, "request_errors": {"timeout": 1}, "request_error": "took too long",
+           "request_error_provider": "local", "columns": {"messages": [{"content": "string", "role": "string"}]},
+           "files": "shard-00000.0badc0de"}  # fmt: skip
+# And as the first versions wrote it: before usage, CPU, per-alias endpoints, request errors and column types.
+FIRST = {k: UNTYPED[k] for k in ("shard", "requested", "generated", "valid", "dropped", "input_tokens",
+                                 "output_tokens", "seconds", "retries", "random_seed", "endpoint", "worker", "error",
+                                 "files")}  # fmt: skip
+
+
+def write_old_shard(store: RunStore, summary: dict, records: list[dict]) -> None:
+    """A shard committed by an earlier version, as it left the run dir."""
+    files = summary["files"]
+    (store.shards_dir / f"{files}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (store.shards_dir / f"{files}.digests").write_bytes(b"".join(record_digest(r) for r in records))
+    store.summary_path(summary["shard"]).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("old", [UNTYPED, FIRST], ids=["untyped", "first"])
+def test_a_run_dir_of_an_earlier_version_resumes(store: RunStore, tmp_path: Path, old: dict) -> None:
+    """Its shard files have no `version` (read as 0) and may lack what was added since (defaults); the manifest lists
+    each as its file recorded it, as before."""
+    write_old_shard(store, old, [record(0), record(1)])
+    resumed = RunStore(store.run_dir)
+    (summary,) = resumed.load_committed().values()
+    assert summary.version == 0 and summary.valid == 2 and summary.dropped == {"invalid_json": 1}
+    assert summary.manifest_entry() == {k: v for k, v in old.items() if k != "columns"}
+    assert summary.columns == old.get("columns") and summary.usage == old.get("usage", {})
+    assert resumed.totals == {"requested": 3, "valid": 2, "output_tokens": 60}
+    assert resumed.merge(["shard-00000"], 5, [tmp_path / "out.jsonl"], per_file=5) == (2, ["shard-00000"])
+
+
+def test_a_shard_file_keeps_the_keys_an_earlier_version_reads(store: RunStore) -> None:
+    """What this version commits, an earlier one resumes: the same keys, and `version` besides."""
+    fields = {k: v for k, v in UNTYPED.items() if k not in ("shard", "files")}
+    committed = store.commit("shard-00000", [record(0), record(1)], shard_summary(**fields))
+    on_disk = json.loads(store.summary_path("shard-00000").read_text())
+    assert set(on_disk) == set(UNTYPED) | {"version"} and on_disk["version"] == SUMMARY_VERSION
+    assert {k: v for k, v in on_disk.items() if k not in ("version", "files")} == fields | {"shard": "shard-00000"}
+    assert store.committed("shard-00000") == committed == ShardSummary.from_json(json.dumps(on_disk))
+    assert committed.manifest_entry() == {k: v for k, v in on_disk.items() if k not in ("version", "columns")}
