@@ -281,7 +281,8 @@ if variant == "fixed":
     dd_hotpath.apply()
 r = load_recipe("default", [f"models.text.inference_parameters.max_tokens={max_tokens}"])
 rows = (read_seed_rows(r.seed_dataset.path) * 1000)[:n]
-server = route_models(r, {"server": Endpoint(url + "/v1", None, "simulated", in_flight)}, {})
+own = Endpoint(url=url + "/v1", api_key_env=None, served_model="simulated", max_parallel_requests=in_flight)
+server = route_models(r, {"server": own}, {})
 if warmup:
     generate(r, server, warmup, rows[:warmup], work / "warm")
 cpu = time.process_time()

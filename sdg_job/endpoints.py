@@ -31,7 +31,8 @@ REMOTE_CONCURRENCY = 64  # in-flight requests per worker against a remote endpoi
 PREFLIGHT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 
-@dataclass(frozen=True)
+# Keywords only: eight fields, several of one type, that positions would silently swap.
+@dataclass(frozen=True, kw_only=True)
 class Endpoint:
     """Where a shard sends its requests. The key travels as an env-var NAME, resolved by Data Designer."""
 
@@ -47,7 +48,7 @@ class Endpoint:
     provider: str = "local"  # the recipe's name for it: local (the job's own server) or a `providers` entry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Routes:
     """Where each model alias of a shard sends its requests: the node's own servers (`own`, by server name) for the
     models with provider local, each to the server that serves it, their provider's endpoint for the others. A
@@ -73,7 +74,7 @@ def route_models(recipe: Recipe, own: dict[str, Endpoint], remote: dict[str, End
         provider = recipe.provider_of(alias)
         return own[recipe.server_of(alias)] if provider == "local" else remote[provider]
 
-    return Routes({alias: endpoint(alias) for alias in recipe.models}, own)
+    return Routes(by_alias={alias: endpoint(alias) for alias in recipe.models}, own=own)
 
 
 def own_endpoint(recipe: Recipe, server: str, url: str, workers: int) -> Endpoint:
@@ -82,10 +83,21 @@ def own_endpoint(recipe: Recipe, server: str, url: str, workers: int) -> Endpoin
     spec = recipe.servers[server]
     capacity = recipe.generation.max_parallel_requests or spec.capacity
     if len(recipe.servers) == 1:
-        return Endpoint(url, API_KEY_ENV, spec.served_model_name, worker_share(capacity, workers))
+        return Endpoint(
+            url=url,
+            api_key_env=API_KEY_ENV,
+            served_model=spec.served_model_name,
+            max_parallel_requests=worker_share(capacity, workers),
+        )
     # Several: a shard's rows are mostly at one server at a time, and which of the node's workers are at this one
     # changes as their shards move on, so any one of them may have to fill it (the server queues what is over).
-    return Endpoint(url, API_KEY_ENV, spec.served_model_name, capacity, provider=f"local:{server}")
+    return Endpoint(
+        url=url,
+        api_key_env=API_KEY_ENV,
+        served_model=spec.served_model_name,
+        max_parallel_requests=capacity,
+        provider=f"local:{server}",
+    )
 
 
 class Pace:
@@ -144,7 +156,15 @@ def remote_endpoint(recipe: Recipe, name: str, parallel: int, pace: Any = None) 
     key_env = provider.api_key_env if provider.api_key_env and os.environ.get(provider.api_key_env) else None
     hosted_by_nvidia = name == "nvidia" or "api.nvidia.com" in provider.endpoint
     counts_tokens = pace is not None and provider.max_tokens_per_minute is not None
-    return Endpoint(provider.endpoint, key_env, None, parallel, hosted_by_nvidia, pace, counts_tokens, name)
+    return Endpoint(
+        url=provider.endpoint,
+        api_key_env=key_env,
+        max_parallel_requests=parallel,
+        takes_template_kwargs=hosted_by_nvidia,
+        pace=pace,
+        paces_tokens=counts_tokens,
+        provider=name,
+    )
 
 
 def concurrency(recipe: Recipe) -> tuple[int, int]:

@@ -144,8 +144,8 @@ def test_a_node_checking_its_server_takes_no_shards_and_does_not_hold_up_the_dri
     try:
         actor = NodeServer.remote({"sim": simulator_spec(extra_args=["--startup-s", "6"])}, str(tmp_path))
         (info,) = infos = ray.get(actor.start.remote())
-        own = {"sim": Endpoint(info["endpoint"], None, "simulated", 1)}
-        node = Node(Routes({}, own), 1, actor, info["node_id"], info=infos)
+        sim = Endpoint(url=info["endpoint"], api_key_env=None, served_model="simulated", max_parallel_requests=1)
+        node = Node(Routes(by_alias={}, own={"sim": sim}), 1, actor, info["node_id"], info=infos)
         server = f"sdg_job.simulator .*--port {info['endpoint'].removesuffix('/v1').rsplit(':', 1)[1]} "
         os.kill(pids(server)[0], signal.SIGKILL)
         wait_for(lambda: not pids(server), timeout=30, what="the killed server to exit")  # kill() does not wait
