@@ -59,7 +59,7 @@ def run_shard(
         engine_load_cpu_s=round(engine_load_cpu, 3),
         retries=attempt,
         random_seed=shard.random_seed,
-        endpoint=without_userinfo(routes.endpoints[0].url),
+        endpoint=without_userinfo(routes.endpoints[0].url) if routes.endpoints else "",  # "": no model asked
         endpoints={alias: without_userinfo(e.url) for alias, e in routes.by_alias.items()},
         worker=f"{os.uname().nodename}:{os.getpid()}",
         node_id=node_id,

@@ -38,7 +38,7 @@ class ShardSummary(BaseModel):
     engine_load_cpu_s: float = 0.0  # importing Data Designer: once per worker process
     retries: int  # the attempt that committed it (0: the first)
     random_seed: int
-    endpoint: str  # the node's (first) own server, else the first endpoint; no userinfo
+    endpoint: str  # the node's (first) own server, else the first endpoint, no userinfo; "" with no model
     endpoints: dict[str, str] = {}  # each model alias's endpoint
     worker: str  # host:pid
     node_id: str | None = None  # the Ray node it ran on
