@@ -166,8 +166,8 @@ def test_requests_outside_a_shard_are_not_observed_and_say_so() -> None:
 def test_observers_are_made_from_a_shards_routes() -> None:
     from sdg_job.endpoints import Endpoint, Routes
 
-    paced = Endpoint("http://a/v1", None, pace="actor", paces_tokens=True, provider="openai")
-    free = Endpoint("http://b/v1", None, provider="nvidia")
+    paced = Endpoint(url="http://a/v1", api_key_env=None, pace="actor", paces_tokens=True, provider="openai")
+    free = Endpoint(url="http://b/v1", api_key_env=None, provider="nvidia")
     observer = observe.RequestObserver.for_routes(Routes(own={}, by_alias={"a": paced, "b": free}))
     assert observer.paces == {"openai": ("actor", True)}
 

@@ -296,7 +296,11 @@ def _problem_list(error: ValidationError) -> list[tuple[str, str]]:
         at = {"columns": 2, "output_projection": 1, "serve": 1}.get(loc[0]) if loc else None
         if at is not None and len(loc) > at and loc[at] in UNION_TAGS:
             del loc[at]
-        found.append((".".join(loc), err["msg"]))
+        message = err["msg"]
+        # A check across keys (a model validator) has no location: its message starts with the key it is about.
+        if not loc and (keyed := re.match(r"Value error, ([\w.-]+): (.*)", message, re.S)):
+            loc, message = [keyed[1]], keyed[2]
+        found.append((".".join(loc), message))
     return found
 
 

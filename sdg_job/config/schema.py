@@ -456,7 +456,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _columns_or_data_designer(self) -> Recipe:
         if bool(self.columns) == (self.data_designer is not None):
-            raise ValueError("give `columns` (this job's recipe shape) or `data_designer` (a Data Designer config)")
+            raise ValueError("columns: give `columns` (this job's recipe shape) or `data_designer` (a Data Designer "
+                             "config), one of the two")  # fmt: skip
         if not self.models and self.data_designer is None:
             raise ValueError("models: give at least one model")
         return self
