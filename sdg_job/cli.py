@@ -36,7 +36,22 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         if name == "run":
             p.add_argument("--preview", action="store_true", help="generate and print 3 records; write nothing")
             p.add_argument("--fresh", action="store_true", help="discard finished shards of an earlier run")
+    p = sub.add_parser("status", help="where a run stands, read from its run dir (while it runs or after)")
+    p.add_argument("place", type=Path, metavar="RUN_DIR_OR_OUTPUT", help="the run dir, or the output file")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser.parse_args(argv)
+
+
+def _status(place: Path, as_json: bool) -> int:
+    from sdg_job import status
+
+    try:
+        found = status.read(place)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps(found, indent=2) if as_json else status.render(found))
+    return 0
 
 
 def recipe_and_overrides(args: list[str]) -> tuple[str, list[str]]:
@@ -65,6 +80,8 @@ def _load_secrets_file() -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if ns.command == "status":
+        return _status(ns.place, ns.json)
     try:
         _load_secrets_file()
         ref, overrides = recipe_and_overrides(ns.args)

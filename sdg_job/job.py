@@ -32,6 +32,7 @@ from sdg_job.plan import Shard, make_shard, plan_shards, shard_index, top_up_siz
 from sdg_job.progress import JobProgress
 from sdg_job.publish import finish
 from sdg_job.seeds import load_seeds
+from sdg_job.status import StatusFile
 from sdg_job.store import RunStore
 from sdg_job.supervise import DRIVER_ENV, Signals, end_snapshot, snapshot
 
@@ -65,6 +66,8 @@ class Job:
         self.output_stats: dict[str, dict[str, int]] = {}  # the files merge wrote, as outputs.stat_of saw them
         self.inflight: dict[Any, tuple[Shard, Any]] = {}  # Ray ref → (shard, node)
         self.endpoint_watch = EndpointWatch()
+        self.status = StatusFile(self)
+        self.nodes: list = []  # where shards run, once the servers are up (status.json shows them)
 
     def _shard(self, index: int, size: int) -> Shard:
         gen = self.recipe.generation
@@ -153,6 +156,7 @@ class Job:
             if all(node.lost for node in nodes):
                 raise JobError("every node is out of service: " + "; ".join(str(node.lost) for node in nodes))
             progress.update(self)
+            self.status.update(self, nodes)
 
     def abandon(self) -> None:
         """Cancel the shards in flight (each commits atomically or not at all, so nothing is half-written)."""
@@ -245,6 +249,7 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
                 nodes = [cluster.Node(route_models(recipe, {}, remote), workers * max(1, cluster.node_slots()))]
             timings["servers_ready"] = time.monotonic() - t0
             timings["driver_cpu_startup"] = time.process_time() - cpu0
+            job.nodes = nodes
             with JobProgress(recipe.num_records) as progress:
                 job.run(nodes, progress, still_ours)
             timings["generation"] = time.monotonic() - t0 - timings["servers_ready"]

@@ -63,6 +63,7 @@ def finish(job: Job, status: str, error: Exception | None, server_info: list[dic
     manifest["output_file_stats"] = job.output_stats  # what the next run finds the job's own (sdg_job.outputs)
     atomic_write(job.recipe.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     note_stats(job.recipe, [job.recipe.manifest_path])
+    job.status.update(job, job.nodes, status, manifest["error"])
     return manifest
 
 

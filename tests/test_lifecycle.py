@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -251,9 +252,40 @@ def test_sigkill_leaves_no_process_of_the_job_and_the_rerun_completes(out_dir: P
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGKILL if victim == "driver" else proc.returncode == -signal.SIGKILL
     assert_nothing_left(marker, within=15)
+    # `status` tells how it ended: the driver stopped cleanly (interrupted), or it died saying nothing (stopped)
+    status = json.loads(run_cli("status", str(out_dir), "--json", out_dir=out_dir).stdout)
+    assert status["state"] == ("stopped" if victim == "driver" else "interrupted"), status
+    assert status["driver"].startswith("not running") and 0 < status["records"] < N
     again = run_cli(*ARGS, out_dir=out_dir, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_n_unique(out_dir)
+
+
+@pytest.mark.e2e
+def test_status_tells_where_a_running_job_stands_and_how_it_ended(out_dir: Path, marker: str) -> None:
+    """`python -m sdg_job status` reads the run dir alone (no Ray, no attach): while the job runs, and after."""
+    proc = start_cli(*ARGS, out_dir=out_dir, env={"SDG_TEST_RUN": marker})
+
+    def records_so_far() -> int:
+        said = run_cli("status", str(out_dir), "--json", out_dir=out_dir)
+        return json.loads(said.stdout)["records"] if said.returncode == 0 else 0
+
+    wait_for(records_so_far, what="status to count the first committed shard (written every 2 s)")
+    running = run_cli("status", str(out_dir / "tiny.jsonl"), out_dir=out_dir)  # the output file names its run
+    assert running.returncode == 0, running.stderr
+    said = running.stdout
+    assert "state:   running · driver running (host" in said, said
+    done_so_far = int(re.search(rf"records: (\d+)/{N} ", said)[1])  # type: ignore[index]
+    assert 0 < done_so_far < N, said
+    assert re.search(r"rate:    \d+\.\d\d records/s · ETA \d+m\d\ds", said), said
+    assert re.search(r"server:  \S+ server llama_cpp http://127\.0\.0\.1:\d+/v1 · restarts 0", said), said
+    proc.communicate(timeout=600)
+    assert proc.returncode == 0
+    ended = json.loads(run_cli("status", str(out_dir / RUN_DIR), "--json", out_dir=out_dir).stdout)
+    assert ended["state"] == "complete" and ended["records"] == N and ended["error"] is None
+    assert ended["driver"] == "not running" and ended["eta_s"] is None
+    nowhere = run_cli("status", str(out_dir / "nothing"), out_dir=out_dir)
+    assert nowhere.returncode == 2 and "no run dir here" in nowhere.stderr
 
 
 @pytest.mark.e2e
