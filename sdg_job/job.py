@@ -44,7 +44,7 @@ class Job:
 
     def __init__(self, recipe: Recipe, source: str, fresh: bool):
         self.recipe, self.source = recipe, source
-        self.store = RunStore(recipe.run_dir)
+        self.store = RunStore(recipe.run_dir, recipe.quality.near_duplicates)
         self.store.open(recipe_hash(recipe), fresh, source, keep=(LEASE_FILE,))
         self.seed_rows, self.strategy = load_seeds(recipe.seed_dataset)
         gen = recipe.generation
@@ -79,14 +79,14 @@ class Job:
     def top_up(self, parallel: int) -> list[Shard]:
         """Shards that cover the gap to num_records (plan.top_up_sizes); empty when num_records are committed."""
         n, gen = self.recipe.num_records, self.recipe.generation
-        unique, dupes = self.store.unique_count(self.committed_ids(), limit=n)
+        unique, passed = self.store.unique_count(self.committed_ids(), limit=n)
         if unique >= n:
             return []
         requested = self.attempted()
         budget = int(gen.budget * n)
         if requested >= budget:
-            raise BudgetExhausted(unique, requested)
-        valid = self.store.totals["valid"] - dupes
+            raise BudgetExhausted(unique, requested, passed)
+        valid = self.store.totals["valid"] - passed.total()
         sizes = top_up_sizes(n - unique, valid, requested, gen.shard_size, parallel, budget - requested)
         first = max(s.index for s in self.shards) + 1
         added = [self._shard(first + i, size) for i, size in enumerate(sizes)]
@@ -168,9 +168,14 @@ class Job:
         self.inflight.clear()
 
 
-def budget_advice(dropped: Counter[str]) -> str:
+def budget_advice(dropped: Counter[str], passed: Counter[str]) -> str:
     """Raising the budget helps when records were made and then failed the recipe's checks, not when requests
-    failed (the cause is the endpoint's, and more attempts only fail the same way)."""
+    failed (the cause is the endpoint's, and more attempts only fail the same way), nor when the seeds and the
+    sampling give too little variety for N near-unique records."""
+    if passed["near_duplicate"] * 2 > sum(dropped.values()) + passed.total():
+        return (f"{passed['near_duplicate']} were near-duplicates of earlier records (quality.near_duplicates): "
+                "the seeds and sampling give too little variety for this many; add seeds, vary the prompts or "
+                "raise the temperature, or raise the threshold")  # fmt: skip
     failed_requests = sum(n for reason, n in dropped.items() if reason in REQUEST_CAUSES)
     if failed_requests * 2 > sum(dropped.values()):
         causes = ", ".join(f"{r} {n}" for r, n in dropped.most_common() if r in REQUEST_CAUSES)
@@ -180,8 +185,8 @@ def budget_advice(dropped: Counter[str]) -> str:
 
 
 class BudgetExhausted(Exception):
-    def __init__(self, valid: int, attempted: int):
-        self.valid, self.attempted = valid, attempted
+    def __init__(self, valid: int, attempted: int, passed: Counter[str]):
+        self.valid, self.attempted, self.passed = valid, attempted, passed
 
 
 def _log_to_run_dir(recipe: Recipe) -> None:
@@ -258,7 +263,7 @@ def _run(recipe: Recipe, source: str, fresh: bool, signals: Signals, lease: Leas
         error = JobError(
             f"budget exhausted: {e.attempted} records attempted (generation.budget={recipe.generation.budget} × "
             f"{recipe.num_records}) gave only {e.valid} valid records. They are kept in "
-            f"{recipe.output_path}.partial; {budget_advice(job.store.dropped)}, then re-run to continue."
+            f"{recipe.output_path}.partial; {budget_advice(job.store.dropped, e.passed)}, then re-run to continue."
         )
     except EndpointFailing as e:
         status, error = "endpoint_failed", JobError(failing_message(recipe, e))

@@ -44,12 +44,11 @@ def build_manifest(
     """What a run vouches for, from the recipe and the shards committed in the run dir (none of it is kept in
     the driver's memory but the store's index)."""
     recipe, summaries, ids = job.recipe, job.summaries, job.committed_ids()
-    records, dupes = job.store.unique_count(ids, recipe.num_records)
+    records, passed = job.store.unique_count(ids, recipe.num_records)
     dropped: Counter[str] = Counter()
     for x in summaries.values():
         dropped.update(x.dropped)
-    if dupes:
-        dropped["duplicate"] += dupes
+    dropped.update(passed)  # duplicate, near_duplicate
     tokens_out = sum(x.output_tokens for x in summaries.values())
     request_errors: Counter[str] = Counter()
     for x in summaries.values():

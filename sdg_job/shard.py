@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import Callable
 
+from sdg_job import near_dupes
 from sdg_job.card import column_types
 from sdg_job.config import Recipe
 from sdg_job.config.secrets import without_userinfo
@@ -74,7 +75,9 @@ def run_shard(
     tokens = None
     if server is not None and server in routes.own:
         tokens = record_tokens(recipe.servers[server], routes.own[server], recipe.output_projection, records)
-    committed = store.commit(shard.id, records, summary, tokens)
+    near = recipe.quality
+    sigs = near_dupes.signatures(records, near.ngram) if near.near_duplicates is not None else None
+    committed = store.commit(shard.id, records, summary, tokens, sigs)
     shutil.rmtree(work_dir, ignore_errors=True)
     return committed
 

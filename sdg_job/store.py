@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from sdg_job import near_dupes
 from sdg_job.errors import JobError, RecipeError
 from sdg_job.summary import ShardSummary
 
 DIGEST_SIZE = 16
-DATA_SUFFIXES = (".jsonl", ".digests", ".tokens")  # a shard attempt's files, beside its summary (.json)
+DATA_SUFFIXES = (".jsonl", ".digests", ".tokens", ".minhash")  # a shard attempt's files, beside its summary (.json)
 TOKEN_COUNT = np.dtype("<u4")  # a record's tokens (sdg_job.tokens), in a shard's .tokens file
 IDENTITY_FILE = "run.json"  # the recipe hash the run dir's shards were made by
 WRITTEN_FILE = "outputs.json"  # the files beside the output that this run dir's merges wrote (sdg_job.outputs)
@@ -98,13 +99,15 @@ def record_digest(record: dict) -> bytes:
 
 
 class RunStore:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, near_threshold: float | None = None):
         self.run_dir = run_dir
+        self.near_threshold = near_threshold  # quality.near_duplicates: None, or a Jaccard similarity
         self.shards_dir = run_dir / "shards"
         self.logs_dir = run_dir / "logs"
         self.summaries: dict[str, ShardSummary] = {}  # committed shards, by id
         self._digests: dict[str, bytes] = {}  # their records' digests, DIGEST_SIZE bytes each, in file order
         self._tokens: dict[str, bytes] = {}  # their records' token counts (TOKEN_COUNT), where the shard counted them
+        self._bands: dict[str, np.ndarray] = {}  # their records' LSH band hashes, with near_threshold
         # Their summaries' counts summed (requested, valid, output_tokens): the progress line reads them every turn.
         self.totals: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()  # their dropped records summed by reason
@@ -128,6 +131,7 @@ class RunStore:
             self.summaries.clear()
             self._digests.clear()
             self._tokens.clear()
+            self._bands.clear()
             self.totals.clear()
             self.dropped.clear()
             self._last_selection = (None, None)
@@ -148,7 +152,12 @@ class RunStore:
         return self.shards_dir / f"{shard_id}.json"
 
     def commit(
-        self, shard_id: str, records: list[dict], summary: ShardSummary, tokens: list[int] | None = None
+        self,
+        shard_id: str,
+        records: list[dict],
+        summary: ShardSummary,
+        tokens: list[int] | None = None,
+        signatures: np.ndarray | None = None,
     ) -> ShardSummary:
         """Called where the shard ran; returns the shard's summary as committed. The records, their digests (and
         token counts) go under names of this attempt's own; the summary, put in place last, names them (`files`)
@@ -160,6 +169,8 @@ class RunStore:
         atomic_write(self.shards_dir / f"{files}.digests", b"".join(record_digest(r) for r in records))
         if tokens is not None and len(tokens) == len(records):
             atomic_write(self.shards_dir / f"{files}.tokens", np.asarray(tokens, dtype=TOKEN_COUNT).tobytes())
+        if signatures is not None:
+            atomic_write(self.shards_dir / f"{files}.minhash", signatures.astype(near_dupes.SIGNATURE).tobytes())
         if publish_once(self.summary_path(shard_id), summary.to_json()):
             return summary
         for suffix in DATA_SUFFIXES:
@@ -213,13 +224,17 @@ class RunStore:
         tokens = self.shards_dir / f"{summary.files}.tokens"
         if tokens.exists():
             self._tokens[shard_id] = tokens.read_bytes()
+        if self.near_threshold is not None:
+            sigs = self._signatures(summary).reshape(-1, near_dupes.NUM_PERM)
+            self._bands[shard_id] = near_dupes.bands(sigs, self.near_threshold)
         self.summaries[shard_id] = summary
         self.totals.update(requested=summary.requested, valid=summary.valid, output_tokens=summary.output_tokens)
         self.dropped.update(summary.dropped)
 
-    def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
-        """Which records of these committed shards, read in this order, make the output: the first copy of each,
-        up to `limit`. Returns a mask over their records and how many duplicates were passed over before the cut.
+    def selection(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, Counter[str]]:
+        """Which records of these committed shards, read in this order, make the output: the first copy of each
+        (and with near_threshold, none near an earlier record), up to `limit`. Returns a mask over their records
+        and how many were passed over before the cut, by reason.
         The last answer is kept: a job's end asks it three times (last top-up check, merge, manifest), and a
         committed shard never changes, so the same shards and limit give the same answer."""
         key = (tuple(shard_ids), limit)
@@ -234,20 +249,51 @@ class RunStore:
         keep, _ = self.selection(shard_ids, limit)
         return np.frombuffer(b"".join(self._tokens[i] for i in shard_ids), dtype=TOKEN_COUNT)[keep]
 
-    def _select(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, int]:
+    def _select(self, shard_ids: list[str], limit: int) -> tuple[np.ndarray, Counter[str]]:
         digests = np.frombuffer(b"".join(self._digests[i] for i in shard_ids), dtype=np.dtype((np.void, DIGEST_SIZE)))
-        keep = np.zeros(len(digests), dtype=bool)
-        keep[np.unique(digests, return_index=True)[1]] = True
+        first = np.zeros(len(digests), dtype=bool)
+        first[np.unique(digests, return_index=True)[1]] = True
+        keep = first.copy()
+        if self.near_threshold is not None and len(digests):
+            band_hashes = np.concatenate([self._bands[i] for i in shard_ids])
+            rows = self._signature_rows(shard_ids)
+            keep &= ~near_dupes.near_duplicates(band_hashes, first, rows, self.near_threshold)
         kept = np.flatnonzero(keep)
-        if len(kept) <= limit:
-            return keep, len(digests) - len(kept)
-        keep[kept[limit] :] = False
-        return keep, int(kept[limit - 1]) + 1 - limit
+        cut = len(digests)  # the records read before the output is full
+        if len(kept) > limit:
+            cut = int(kept[limit - 1]) + 1
+            keep[cut:] = False
+        passed = Counter(duplicate=int((~first[:cut]).sum()), near_duplicate=int((first[:cut] & ~keep[:cut]).sum()))
+        return keep, +passed  # only the reasons that occurred
 
-    def unique_count(self, shard_ids: list[str], limit: int) -> tuple[int, int]:
-        """(distinct records of these shards, up to `limit`; duplicates passed over), as `selection` counts them."""
-        keep, dupes = self.selection(shard_ids, limit)
-        return int(keep.sum()), dupes
+    def _signatures(self, summary: ShardSummary) -> np.ndarray:
+        path = self.shards_dir / f"{summary.files}.minhash"
+        if not path.exists():  # quality.near_duplicates is part of the recipe: its shards all have signatures
+            raise JobError(f"{path} is missing: delete {self.summary_path(summary.shard).name} to make the shard again")
+        return np.memmap(path, dtype=near_dupes.SIGNATURE, mode="r")
+
+    def _signature_rows(self, shard_ids: list[str]):
+        """A reader of the signatures of records by their position among these shards' records (read from disk:
+        the driver keeps only their bands)."""
+        counts = [len(self._digests[i]) // DIGEST_SIZE for i in shard_ids]
+        starts = np.cumsum([0, *counts])
+
+        def rows(positions: np.ndarray) -> np.ndarray:
+            out = np.empty((len(positions), near_dupes.NUM_PERM), dtype=near_dupes.SIGNATURE)
+            shard_of = np.searchsorted(starts, positions, side="right") - 1
+            for k in np.unique(shard_of):
+                sigs = self._signatures(self.summaries[shard_ids[k]]).reshape(-1, near_dupes.NUM_PERM)
+                mine = shard_of == k
+                out[mine] = sigs[positions[mine] - starts[k]]
+            return out
+
+        return rows
+
+    def unique_count(self, shard_ids: list[str], limit: int) -> tuple[int, Counter[str]]:
+        """(distinct records of these shards, up to `limit`; the records passed over before the cut, by reason:
+        duplicate, near_duplicate), as `selection` counts them."""
+        keep, passed = self.selection(shard_ids, limit)
+        return int(keep.sum()), passed
 
     def merge(self, shard_ids: list[str], limit: int, outputs: list[Path], per_file: int) -> tuple[int, list[str]]:
         """Stream the selected records' lines, as written, into `outputs` (`per_file` records each): all are

@@ -221,6 +221,18 @@ def samplers_only() -> dd.DataDesignerConfigBuilder:
     return b
 
 
+def planted_near_duplicates(stories: list[str]) -> dd.DataDesignerConfigBuilder:
+    """No model column: each record is one of `stories` and a fresh ticket id, so two records of the same story are
+    near-duplicates and only len(stories) records are near-unique."""
+    b = dd.DataDesignerConfigBuilder(model_configs=[])
+    b.add_column(dd.SamplerColumnConfig(name="story", sampler_type=dd.SamplerType.CATEGORY,
+                                        params=dd.CategorySamplerParams(values=stories)))  # fmt: skip
+    ticket = dd.UniformSamplerParams(low=1000, high=9999, decimal_places=0)
+    b.add_column(dd.SamplerColumnConfig(name="ticket", sampler_type=dd.SamplerType.UNIFORM, params=ticket))
+    b.add_column(dd.ExpressionColumnConfig(name="text", expr="Ticket {{ ticket }}: {{ story }}"))
+    return b
+
+
 def export(builder: dd.DataDesignerConfigBuilder, path: Path) -> Path:
     builder.write_config(path)
     return path

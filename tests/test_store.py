@@ -37,10 +37,11 @@ def commit(store: RunStore, shard_id: str, numbers: list[int]) -> None:
 def test_selection_keeps_first_copies_in_plan_order_and_counts_dupes_before_the_cut(store: RunStore) -> None:
     commit(store, "shard-00000", [0, 1, 1, 2])  # a duplicate inside a shard
     commit(store, "shard-00001", [2, 3, 4, 5])  # and one across shards
-    assert store.unique_count(["shard-00000", "shard-00001"], limit=100) == (6, 2)
-    assert store.unique_count(["shard-00000", "shard-00001"], limit=3) == (3, 1)  # the later dupe is past the cut
+    assert store.unique_count(["shard-00000", "shard-00001"], limit=100) == (6, {"duplicate": 2})
+    # the later dupe is past the cut
+    assert store.unique_count(["shard-00000", "shard-00001"], limit=3) == (3, {"duplicate": 1})
     keep, dupes = store.selection(["shard-00001", "shard-00000"], limit=100)  # other order: other first copies
-    assert keep.tolist() == [True, True, True, True, True, True, False, False] and dupes == 2
+    assert keep.tolist() == [True, True, True, True, True, True, False, False] and dupes == {"duplicate": 2}
 
 
 def test_token_counts_are_those_of_exactly_the_selected_records(store: RunStore) -> None:

@@ -426,6 +426,17 @@ class Output(Strict):
     )
 
 
+class Quality(Strict):
+    near_duplicates: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="drop a record whose text is this near an earlier record's (estimated Jaccard similarity of "
+        "their word n-grams, e.g. 0.8), across all shards and nodes, and top up; off when unset",
+    )
+    ngram: int = Field(default=3, ge=1, description="words per n-gram for near_duplicates")
+
+
 class Recipe(Strict):
     name: str = Field(default="", description="default: the output file's name")
     description: str = ""
@@ -451,6 +462,7 @@ class Recipe(Strict):
     output_projection: Projection = DatasetProjection()
     output: Output = Output()
     filters: list[Filter] = []
+    quality: Quality = Quality()
     generation: Generation = Generation()
 
     @model_validator(mode="after")
@@ -574,6 +586,8 @@ def recipe_hash(recipe: Recipe) -> str:
         data.pop(key)  # out, not what they are: a run dir moved to other storage resumes there
     data.pop("generation", None)
     data.pop("output", None)  # whether to move a stranger's file aside is not what is generated
+    if data.get("quality") == Quality().model_dump(mode="json"):  # off: the identity as before the key existed
+        data.pop("quality")
     if data.get("data_designer") is None:  # this job's recipe shape: its identity as before the key existed
         data.pop("data_designer", None)
     serve = data.get("serve") or {}
