@@ -255,3 +255,22 @@ def test_a_data_designer_config_runs_unchanged_across_both_nodes(slurm, tmp_path
     manifest = json.loads((job_dir / "sdg" / "code.manifest.json").read_text())
     assert sorted(s["slurm_node"] for s in manifest["servers"]) == ["n1", "n2"], manifest["servers"]
     assert not processes_with_env("SLURM_JOB_ID", job_id)
+
+
+def test_planted_near_duplicates_are_removed_across_the_cluster_to_exactly_n(slurm, tmp_path: Path) -> None:
+    """quality.near_duplicates on the two-node cluster: shards from any node are compared with every other shard,
+    and the output has exactly N near-unique records (no model column: the records are planted)."""
+    from tests import dd_configs
+    from tests.test_near_dupes import STORIES
+
+    config = dd_configs.export(dd_configs.planted_near_duplicates(STORIES), tmp_path / "stories.yaml")
+    job = (f"recipe={config}", "num_records=5", "generation.shard_size=2", "quality.near_duplicates=0.5")
+    job_dir = tmp_path / "job"
+    job_id = sbatch(slurm, job_dir, job=job)
+    state = wait_until_done(slurm, job_id)
+    assert state["JobState"] == "COMPLETED", Path(f"{job_dir}.out").read_text()[-3000:] + slurm_logs(slurm, job_id)
+    records = read_jsonl(job_dir / "sdg" / "stories.jsonl")
+    assert len(records) == 5 and len({r["story"] for r in records}) == 5
+    manifest = json.loads((job_dir / "sdg" / "stories.manifest.json").read_text())
+    assert manifest["records"] == 5 and manifest["dropped"]["near_duplicate"] >= 1
+    assert not processes_with_env("SLURM_JOB_ID", job_id)
