@@ -179,6 +179,8 @@ def test_rl_pref_gives_exact_count_of_preference_pairs(tmp_path: Path, out_dir: 
     manifest = manifest_of(out_dir, "rl_pref")
     assert manifest["records"] == 4
     assert manifest["attempted"] - sum(manifest["dropped"].values()) >= 4  # a top-up may make a few more than needed
+    # Counted by the generator's own server (a shard whose pairs were all dropped counts none, and misses none)
+    assert manifest["record_tokens"]["records"] == 4 and manifest["record_tokens"]["min"] > 0, manifest
     assert {a: m["provider"] for a, m in manifest["models"].items()} == {"precise": "local", "creative": "local",
                                                                          "judge": "openai"}  # fmt: skip
     (own,) = [server["endpoint"] for server in manifest["servers"]]

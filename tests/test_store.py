@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from sdg_job.config import load_recipe
+from sdg_job.endpoints import Endpoint
 from sdg_job.errors import JobError
 from sdg_job.plan import plan_shards
 from sdg_job.shard import run_shard
 from sdg_job.store import RunStore, record_digest
 from sdg_job.summary import SUMMARY_VERSION, ShardSummary
+from sdg_job.tokens import record_tokens
 from tests.conftest import read_jsonl, shard_summary
 
 
@@ -51,6 +53,13 @@ def test_token_counts_are_those_of_exactly_the_selected_records(store: RunStore)
         store.commit(shard_id, [record(i) for i in numbers], shard_summary(shard_id), tokens=[10 + i for i in numbers])
         store.note_committed(shard_id, store.committed(shard_id))  # as the driver reads it: from disk
     assert store.record_tokens(["shard-00000", "shard-00001"], limit=4).tolist() == [10, 11, 12, 13]
+    # A shard whose records were all dropped counted none, and none is missing: the output's counts are known
+    empty = record_tokens(load_recipe("tiny").serve, Endpoint(url="http://127.0.0.1:9/v1", api_key_env=None),
+                          load_recipe("tiny").output_projection, [])  # fmt: skip
+    store.commit("shard-00003", [], shard_summary("shard-00003"), tokens=empty)
+    store.note_committed("shard-00003", store.committed("shard-00003"))
+    ids = ["shard-00000", "shard-00003", "shard-00001"]
+    assert empty == [] and store.record_tokens(ids, limit=4).tolist() == [10, 11, 12, 13]
     commit(store, "shard-00002", [5])  # a shard whose server could not count
     assert store.record_tokens(["shard-00000", "shard-00001", "shard-00002"], limit=100) is None
     assert store.sweep() == 0  # the counts are files a committed shard names
