@@ -154,8 +154,17 @@ def _yaml(t: Type) -> dict[str, Any]:
 
 def _body(m: dict, samples: list[dict]) -> str:
     description = str(m["resolved_recipe"].get("description") or "").strip()
-    parts = [f"# {m['recipe']}", description, _made(m), _counts(m), _samples(samples)]
+    parts = [f"# {m['recipe']}", description, _made(m), _counts(m), _charts(m), _samples(samples)]
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _charts(m: dict) -> str:
+    """The report's charts, as PNG files beside the card (sdg_job.report)."""
+    charts = m.get("report_charts") or {}
+    if not charts:
+        return ""
+    lines = ["## Charts", f"The whole report: `{m.get('report')}` (one HTML page, readable offline).", ""]
+    return "\n".join(lines + [f"![{title}]({name})" for name, title in charts.items()])
 
 
 def _made(m: dict) -> str:

@@ -24,6 +24,7 @@ from sdg_job.card import card_places, holds_card_of
 from sdg_job.config import Recipe
 from sdg_job.errors import JobError, RecipeError, all_problems
 from sdg_job.lease import LEASE_FILE
+from sdg_job.report import places as report_places
 from sdg_job.store import IDENTITY_FILE, WRITTEN_FILE, atomic_write
 
 log = logging.getLogger("sdg_job")
@@ -35,6 +36,7 @@ def places(recipe: Recipe) -> list[tuple[str, Path]]:
     found = [("output", path) for path in recipe.output_files]
     found += [("partial output", out.with_name(out.name + ".partial")), ("manifest", recipe.manifest_path)]
     found += [("dataset card", card) for card in card_places(out)]
+    found += [("report", path) for path in report_places(out)]
     return [*found, ("run dir", recipe.run_dir)]
 
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sdg_job.card import SHOWN, Columns, card_places, dataset_card, holds_card_of, merge_columns
 from sdg_job.manifest import build_manifest
 from sdg_job.outputs import note_stats, note_written, written_before
+from sdg_job.report import CHARTS, write_report
+from sdg_job.report import places as report_places
 from sdg_job.store import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
@@ -58,6 +60,12 @@ def finish(job: Job, status: str, error: Exception | None, server_info: list[dic
     timings["driver_cpu"] = time.process_time() - cpu0
     manifest = build_manifest(job, server_info, started_at, time.monotonic() - t0, status, timings)
     manifest["error"] = str(error) if error is not None and status != "interrupted" else None
+    report = report_places(job.recipe.output_path)
+    note_written(job.recipe, report)
+    manifest["report"] = report[0].name
+    manifest["report_charts"] = {path.name: title for path, title in zip(report[1:], CHARTS.values(), strict=True)}
+    write_report(job, manifest)
+    note_stats(job.recipe, report)
     if status == "complete":
         manifest["card"] = write_card(job, manifest).name
     manifest["output_file_stats"] = job.output_stats  # what the next run finds the job's own (sdg_job.outputs)

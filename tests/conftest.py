@@ -100,6 +100,41 @@ def shard_summary(shard: str = "shard-00000", **fields) -> ShardSummary:
     return ShardSummary(**{"shard": shard, **zeros, **fields})
 
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed once if it is not there (root, as the test machine is; CI installs it too)."""
+    if not Path(CHROMIUM).exists():
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    return CHROMIUM
+
+
+def open_in_browser(chromium: str, page_path: Path) -> tuple[list[dict], list[str]]:
+    """The page opened in a real headless Chromium (Playwright): each image's alt text and rendered size, and the
+    console's errors."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            images = page.evaluate(
+                "[...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, height: i.naturalHeight,"
+                " complete: i.complete}))"
+            )
+        finally:
+            browser.close()
+    return images, errors
+
+
 def all_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 

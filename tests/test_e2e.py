@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from sdg_job.config import load_recipe
+from sdg_job.report import CHARTS
 from sdg_job.serve import Server
-from tests.conftest import REPO, all_files, read_jsonl, run_cli
+from tests.conftest import REPO, all_files, open_in_browser, read_jsonl, run_cli
 
 pytestmark = pytest.mark.e2e
 SENTINEL = "nvapi-SENTINEL-must-never-be-written-0001"
@@ -140,6 +141,23 @@ def test_dataset_card_beside_the_output_describes_it(hf, tiny_run, tmp_path: Pat
     lengths = manifest["record_tokens"]
     assert f"min {lengths['min']}, p50 {lengths['p50']}, p95 {lengths['p95']}, max {lengths['max']}" in card
     assert hf.load_dataset(str(out_dir), split="train", cache_dir=str(tmp_path / "hf-cache")).num_rows == 10
+
+
+def test_the_report_opens_in_a_real_browser_with_every_chart_and_the_card_shows_them(tiny_run, chromium) -> None:
+    out_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = manifest_of(out_dir, "tiny")
+    page = out_dir / manifest["report"]
+    assert page.name == "tiny.report.html"
+    images, errors = open_in_browser(chromium, page)
+    assert errors == []
+    assert [i["alt"] for i in images] == list(CHARTS.values())
+    assert all(i["complete"] and i["width"] == 800 and i["height"] == 360 for i in images), images
+    card = (out_dir / "README.md").read_text()
+    for name, title in manifest["report_charts"].items():
+        assert f"![{title}]({name})" in card and (out_dir / name).read_bytes().startswith(b"\x89PNG")
+    # the records' own lengths are charted, not a "not counted" placeholder
+    assert manifest["record_tokens"]["records"] == 10
 
 
 def test_changed_recipe_refuses_the_old_run_dir_unless_fresh(tiny_run) -> None:
