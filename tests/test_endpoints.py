@@ -1,4 +1,4 @@
-"""A remote provider's key, model and endpoint are checked before any work starts (sdg_job.endpoints.preflight).
+"""A remote provider's key, model and endpoint are checked before any work starts (sdg_job/endpoints/preflight.py).
 
 The endpoint with a key is real: llama-server with the embedded model, started with `--api-key`, which answers 401 to
 any other key. The model a provider does not serve needs a server that checks model names: the SIMULATED one
@@ -17,7 +17,8 @@ import pytest
 
 from sdg_job.config import load_recipe, recipe_hash
 from sdg_job.config.schema import LLAMA_EMBEDDING_ARGS
-from sdg_job.endpoints import EndpointFailing, EndpointWatch, Pace, preflight
+from sdg_job.endpoints import EndpointFailing, EndpointWatch, Pace
+from sdg_job.endpoints.preflight import preflight
 from sdg_job.errors import RecipeError
 from sdg_job.serve import Server, free_port, simulator_spec
 from tests.conftest import REPO, read_jsonl, run_cli, shard_summary, start_cli, wait_for
@@ -78,7 +79,7 @@ def test_the_hosted_providers_unset_key_is_refused_before_any_request(out_dir: P
 
 @pytest.fixture
 def quick_preflight(monkeypatch) -> None:
-    monkeypatch.setattr("sdg_job.endpoints.PREFLIGHT_TIMEOUT", httpx.Timeout(2.0))
+    monkeypatch.setattr("sdg_job.endpoints.preflight.PREFLIGHT_TIMEOUT", httpx.Timeout(2.0))
 
 
 def preflight_to(endpoint: str) -> str:
@@ -237,7 +238,7 @@ def test_a_token_quota_told_to_the_job_is_kept_without_429s(out_dir: Path, tmp_p
 def test_a_token_refund_never_brings_requests_closer_than_the_request_quota(monkeypatch) -> None:
     """Both quotas at once (found in review): refunds of unused tokens move the token clock only."""
     now = [100.0]
-    monkeypatch.setattr("sdg_job.endpoints.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("sdg_job.endpoints.watch.time.monotonic", lambda: now[0])
     pace = Pace(per_s=1.0, tokens_per_s=100.0)  # 60 requests and 6,000 tokens a minute
     waits = []
     for _ in range(5):
