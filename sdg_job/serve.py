@@ -1,4 +1,5 @@
-"""One OpenAI-compatible server per node: vLLM on GPU nodes, llama.cpp's llama-server on CPU.
+"""One OpenAI-compatible server per node: vLLM on GPU nodes, llama.cpp's llama-server on CPU (each an engine of
+sdg_job.engines, which owns its command line; this module runs any of them the same way).
 
 The server binds to the node only, is guarded by a fresh per-job API key passed through the environment (never
 argv, so it stays out of `ps` and logs), is health-gated with a timeout that also notices the process dying,
@@ -12,17 +13,15 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from sdg_job.config import ServeSpec
-from sdg_job.errors import JobError, RecipeError
-from sdg_job.installers import embedded_model_path, llama_server_binary
+from sdg_job.engines import engine_of
+from sdg_job.errors import JobError
 
 API_KEY_ENV = "SDG_SERVER_API_KEY"  # Data Designer reads the key from this env-var NAME
 
@@ -31,43 +30,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def llama_server_command(spec: ServeSpec, port: int, binary: str = "llama-server") -> list[str]:
-    model = embedded_model_path() if spec.model == "embedded" else Path(spec.model)
-    cmd = [binary, "-m", str(model), "--host", spec.host, "--port", str(port), "--alias", spec.served_model_name]
-    cmd += ["-np", str(spec.parallel), "-c", str(spec.ctx_size), "--no-webui"]
-    # Its HTTP server gives each open connection a thread, and Data Designer keeps up to 16 idle ones per worker:
-    # with the default (cores - 1) threads, /health, and so the hang watchdog, would queue behind generations.
-    cmd += ["--threads-http", str(max(64, 8 * spec.parallel))]
-    if spec.threads:
-        cmd += ["-t", str(spec.threads)]
-    return cmd + list(spec.extra_args)
-
-
-def vllm_command(spec: ServeSpec, port: int) -> list[str]:
-    """`vllm serve …` (`serve.vllm_command`: vLLM's own environment, which is not the job's: vLLM 0.33 and Data
-    Designer 0.9.7 need different mcp majors); the API key comes from VLLM_API_KEY in the environment, not argv."""
-    # --model, not the positional tag: `python -m vllm.entrypoints.openai.api_server` (how vLLM builds whose
-    # console script is broken start) ignores the tag and serves its default model.
-    cmd = [*spec.vllm_command, "--model", spec.model, "--host", spec.host, "--port", str(port)]
-    cmd += ["--served-model-name", spec.served_model_name]
-    cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
-    cmd += ["--data-parallel-size", str(spec.data_parallel_size)]
-    cmd += ["--max-num-seqs", str(spec.max_num_seqs)]
-    cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
-    if spec.max_model_len:
-        cmd += ["--max-model-len", str(spec.max_model_len)]
-    if spec.kv_cache_dtype:
-        cmd += ["--kv-cache-dtype", spec.kv_cache_dtype]
-    return cmd + list(spec.extra_args)
-
-
-def hub_cache(env: dict[str, str]) -> Path:
-    """Where Hugging Face libraries (vLLM among them) look for downloaded models, by their own rules."""
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    return Path(env.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
 
 
 def split_gpus(servers: dict[str, ServeSpec], ids: list[str]) -> dict[str, ServeSpec]:
@@ -86,46 +48,10 @@ def split_gpus(servers: dict[str, ServeSpec], ids: list[str]) -> dict[str, Serve
     return shares
 
 
-def check_weights_staged(spec: ServeSpec, key: str = "serve.model") -> None:
-    """Offline (HF_HUB_OFFLINE=1), vLLM can only load weights already staged in the hub cache: name the model and
-    the cache before any server starts, instead of a start-up failure per node deep in each server's log."""
-    env = {**os.environ, **spec.env}
-    if spec.engine != "vllm" or env.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
-        return
-    try:
-        local = Path(spec.model).expanduser() if spec.model.startswith(("/", ".", "~")) else None
-        cache = hub_cache(env)
-    except RuntimeError as e:  # ~nosuchuser
-        raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"{key} / HF_HOME: {e}") from None
-    if local is not None:
-        if not local.is_dir():
-            raise RecipeError("environment", "HF_HUB_OFFLINE=1", f"{key} {spec.model} is not a directory")
-        return
-    if not any((cache / f"models--{spec.model.replace('/', '--')}" / "snapshots").glob("*/config.json")):
-        stage = f"stage it once on shared storage: HF_HOME={cache.parent} hf download {spec.model}"
-        message = f"{key} {spec.model} is not staged in {cache}; {stage}"
-        raise RecipeError("environment", "HF_HUB_OFFLINE=1", message)
-
-
-def simulator_command(spec: ServeSpec, port: int) -> list[str]:
-    """The capacity-limited SIMULATED server (benchmarks and tests only; it generates no language)."""
-    cmd = [sys.executable, "-m", "sdg_job.simulator", "--host", spec.host, "--port", str(port)]
-    return cmd + ["--slots", str(spec.parallel), "--seconds-per-token", str(spec.seconds_per_token), *spec.extra_args]
-
-
-def simulator_spec(slots: int = 64, seconds_per_token: float = 0.001, extra_args: Sequence[str] = ()) -> ServeSpec:
-    """A standalone simulated server for benchmarks and fault tests (e.g. extra_args=["--fail-500", "0.1"])."""
-    return ServeSpec(engine="simulator", model="simulated", served_model_name="simulated", parallel=slots,
-                     seconds_per_token=seconds_per_token, extra_args=list(extra_args))  # fmt: skip
-
-
 def server_command(spec: ServeSpec, port: int) -> tuple[list[str], str]:
     """argv, and the env var the engine reads its API key from (so the key never appears in argv)."""
-    if spec.engine == "vllm":
-        return vllm_command(spec, port), "VLLM_API_KEY"
-    if spec.engine == "simulator":
-        return simulator_command(spec, port), "SIMULATOR_API_KEY"
-    return llama_server_command(spec, port, spec.llama_server or llama_server_binary()), "LLAMA_API_KEY"
+    engine = engine_of(spec)
+    return engine.command(port), engine.key_env
 
 
 def _die_with_parent() -> None:
@@ -205,9 +131,7 @@ class Server:
                 return
             time.sleep(0.2)
         self.stop()
-        hint = ""
-        if self.spec.engine == "vllm" and not self.restarts:
-            hint = " (a first start that downloads the weights can take longer: stage them in HF_HOME, see README)"
+        hint = "" if self.restarts else engine_of(self.spec).first_start_hint
         raise JobError(
             f"{self.spec.engine} server not healthy after {timeout:.0f}s (serve.{key}){hint}; see {self.log_path}"
         )

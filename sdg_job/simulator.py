@@ -19,6 +19,9 @@ Faults and limits, as a test or a benchmark sets them:
 `record` appends each request body to a JSONL file (what a test checks the client sent).
 
     python -m sdg_job.simulator --port 8000 --slots 64 --seconds-per-token 0.001 --fail-500 0.05
+
+The job starts it as an engine (`serve.engine=simulator`) only where this module is registered, never as the
+product: see `SimulatorEngine`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,18 @@ import json
 import os
 import random
 import signal
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from sdg_job.engines import Engine, register
+
+if TYPE_CHECKING:
+    from sdg_job.config import ServeSpec
 
 PROMPT_TOKENS = 10  # what every answer reports for its prompt, and what the token quota counts for it
 
@@ -221,6 +231,30 @@ def main(argv: list[str] | None = None) -> None:
         await runner.cleanup()
 
     asyncio.run(serve())
+
+
+@register
+class SimulatorEngine(Engine):
+    """This server as an engine of the job, for benchmarks and tests. Registered when this module is imported:
+    by `simulator_spec`, or in any process whose SDG_JOB_TEST_ENGINES names sdg_job.simulator (tests/conftest.py
+    and sdg_job.bench set it, so the CLI, Ray workers and Slurm steps they start accept serve.engine=simulator)."""
+
+    name = "simulator"
+    key_env = "SIMULATOR_API_KEY"
+
+    def command(self, port: int) -> list[str]:
+        spec = self.spec
+        cmd = [sys.executable, "-m", "sdg_job.simulator", "--host", spec.host, "--port", str(port)]
+        return cmd + ["--slots", str(spec.parallel), "--seconds-per-token", str(spec.seconds_per_token),
+                      *spec.extra_args]  # fmt: skip
+
+
+def simulator_spec(slots: int = 64, seconds_per_token: float = 0.001, extra_args: Sequence[str] = ()) -> ServeSpec:
+    """A standalone simulated server for benchmarks and fault tests (e.g. extra_args=["--fail-500", "0.1"])."""
+    from sdg_job.config import ServeSpec  # not at import: the server process itself needs no recipe schema
+
+    return ServeSpec(engine="simulator", model="simulated", served_model_name="simulated", parallel=slots,
+                     seconds_per_token=seconds_per_token, extra_args=list(extra_args))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,16 +15,16 @@ import httpx
 
 from sdg_job.config import Projection, ServeSpec
 from sdg_job.endpoints import Endpoint
+from sdg_job.engines import engine_of
 from sdg_job.errors import ServerUnavailable
 from sdg_job.project import wire_form
 
 log = logging.getLogger("sdg_job.tokens")
-ENGINES = {"llama_cpp", "vllm"}
 
 
 def tokenizer_name(serve: ServeSpec | None) -> str | None:
     """What counts the tokens, as the card names it; None where nothing does."""
-    if serve is None or serve.engine not in ENGINES:
+    if serve is None or not engine_of(serve).counts_tokens:
         return None
     return f"{serve.served_model_name} ({serve.engine}), with its chat template"
 
@@ -52,31 +52,11 @@ def record_tokens(
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-            return [max(_count(client, serve, content, tools) for content, tools in conversations(projection, r))
+            engine = engine_of(serve)
+            return [max(engine.count_tokens(client, content, tools) for content, tools in conversations(projection, r))
                     for r in records]  # fmt: skip
     except httpx.TransportError as e:  # the server went away: the shard is retried, as when it dies mid-shard
         raise ServerUnavailable(f"{base} stopped answering while counting tokens: {e}") from None
     except (httpx.HTTPStatusError, KeyError, ValueError) as e:  # it cannot render or count these: no counts
         log.warning("could not count tokens at %s: %s", base, e)
         return None
-
-
-def _count(client: httpx.Client, serve: ServeSpec, content: Any, tools: list | None) -> int:
-    if serve.engine == "vllm":
-        body: dict[str, Any] = {"model": serve.served_model_name, "add_special_tokens": False}
-        if isinstance(content, str):
-            body["prompt"] = content
-        else:
-            body |= {"messages": content, "add_generation_prompt": False, **({"tools": tools} if tools else {})}
-        return int(_post(client, "/tokenize", body)["count"])
-    if not isinstance(content, str):
-        body = {"messages": content, **({"tools": tools} if tools else {})}
-        content = _post(client, "/apply-template", body)["prompt"]
-    body = {"content": content, "add_special": False, "parse_special": True}
-    return len(_post(client, "/tokenize", body)["tokens"])
-
-
-def _post(client: httpx.Client, path: str, body: dict) -> dict:
-    response = client.post(path, json=body)
-    response.raise_for_status()
-    return response.json()

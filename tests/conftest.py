@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdg_job import bench
+from sdg_job.engines import EXTRA_ENGINES_ENV
 from sdg_job.summary import ShardSummary
 from sdg_job.supervise import start_time
 
@@ -25,6 +26,10 @@ SHARED_UNITS = {"test_docker": "image", "test_pyxis": "image"}
 LONGEST_FIRST = ["image", "test_slurm", "test_vllm", "test_trl", "test_e2e", "test_scale_out", "test_lifecycle",
                  "test_bench", "test_ssh_tunnel", "test_step_shape", "test_card"]  # fmt: skip
 
+
+# The capacity simulator is an engine of the tests, not of the product: every process a test starts (the CLI, Ray
+# workers, Slurm jobs) inherits this and so accepts serve.engine=simulator.
+os.environ.setdefault(EXTRA_ENGINES_ENV, "sdg_job.simulator")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share the cores: each llama-server a test starts takes one thread (llama.cpp's own env var; a

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sdg_job.config import load_recipe
-from sdg_job.config.schema import LLAMA_EMBEDDING_ARGS
+from sdg_job.engines import LlamaCpp
 from tests import dd_configs
 from tests.conftest import REPO, all_files, read_jsonl, run_cli
 
@@ -69,7 +69,9 @@ def test_an_embedding_model_is_served_beside_the_chat_models_on_llama_cpp_and_re
 ) -> None:
     recipe = load_recipe(str(exported["all"]), ["layer=cpu"])
     (server,) = recipe.servers.values()
-    assert server.aliases == ["openai-text", "openai-embedding"] and server.extra_args[-3:] == LLAMA_EMBEDDING_ARGS
+    assert server.aliases == ["openai-text", "openai-embedding"] and server.extra_args[-3:] == list(
+        LlamaCpp.embedding_args
+    )
     assert "--embeddings" not in load_recipe(str(exported["code"]), ["layer=cpu"]).servers["server"].extra_args
     result = run_cli("validate", f"recipe={exported['all']}", "provider=local", out_dir=tmp_path)  # base: vLLM
     assert result.returncode == 2, result.stderr

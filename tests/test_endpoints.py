@@ -16,11 +16,12 @@ import httpx
 import pytest
 
 from sdg_job.config import load_recipe, recipe_hash
-from sdg_job.config.schema import LLAMA_EMBEDDING_ARGS
 from sdg_job.endpoints import EndpointFailing, EndpointWatch, Pace
 from sdg_job.endpoints.preflight import preflight
+from sdg_job.engines import LlamaCpp
 from sdg_job.errors import RecipeError
-from sdg_job.serve import Server, free_port, simulator_spec
+from sdg_job.serve import Server, free_port
+from sdg_job.simulator import simulator_spec
 from tests.conftest import REPO, read_jsonl, run_cli, shard_summary, start_cli, wait_for
 
 KEY = "sk-SENTINEL-endpoint-key-0123456789"
@@ -149,7 +150,7 @@ def test_an_embedding_model_is_checked_with_an_embedding(keyed, monkeypatch, tmp
         preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={keyed}", embed]), "tiny")
     spec = load_recipe("tiny").serve
     assert spec is not None
-    spec = spec.model_copy(update={"extra_args": LLAMA_EMBEDDING_ARGS})
+    spec = spec.model_copy(update={"extra_args": list(LlamaCpp.embedding_args)})
     with Server(spec, tmp_path / "server.log", api_key=KEY) as server:
         preflight(load_recipe("tiny", ["provider=openai", f"providers.openai.endpoint={server.endpoint}", embed]),
                   "tiny")  # fmt: skip

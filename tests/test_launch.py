@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sdg_job.serve import Server, simulator_spec
+from sdg_job.serve import Server
+from sdg_job.simulator import simulator_spec
 from tests.conftest import REPO, all_files, read_jsonl
 
 SECRET = "nvapi-SENTINEL-launch-0123456789"

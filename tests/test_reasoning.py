@@ -14,7 +14,8 @@ import pytest
 
 from sdg_job.config import load_recipe
 from sdg_job.project import InvalidRecord, openai_messages
-from sdg_job.serve import Server, simulator_spec
+from sdg_job.serve import Server
+from sdg_job.simulator import simulator_spec
 from tests.conftest import read_jsonl, run_cli
 
 SIMULATED = ["recipe=tiny", "num_records=6", "serve.engine=simulator"]

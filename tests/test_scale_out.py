@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sdg_job.serve import Server, simulator_spec
+from sdg_job.serve import Server
+from sdg_job.simulator import simulator_spec
 from sdg_job.supervise import processes_with_env
 from tests.conftest import TWO_SERVERS, read_jsonl, run_cli, start_cli, wait_for
 

@@ -10,23 +10,18 @@ from pathlib import Path
 import pytest
 
 from sdg_job.config import load_recipe
+from sdg_job.engines import EXTRA_ENGINES_ENV, PRODUCT, LlamaCpp, Vllm, engine_of, engines
 from sdg_job.errors import JobError, RecipeError
 from sdg_job.installers import embedded_model_path
-from sdg_job.serve import (
-    Server,
-    check_weights_staged,
-    llama_server_command,
-    server_command,
-    simulator_spec,
-    split_gpus,
-    vllm_command,
-)
+from sdg_job.serve import Server, server_command, split_gpus
+from sdg_job.simulator import SimulatorEngine, simulator_spec
+from tests.conftest import run_cli
 
 
 def test_vllm_command_from_default_recipe() -> None:
     serve = load_recipe("default").serve
     assert serve is not None
-    assert vllm_command(serve, 8123) == [
+    assert Vllm(serve).command(8123) == [
         "vllm", "serve", "--model", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
         "--host", "127.0.0.1", "--port", "8123",
         "--served-model-name", "nvidia/nemotron-3-nano-30b-a3b",
@@ -48,13 +43,35 @@ def test_api_key_travels_by_environment_not_argv() -> None:
 def test_llama_server_command_serves_the_embedded_model_on_loopback() -> None:
     serve = load_recipe("tiny").serve
     assert serve is not None
-    argv = llama_server_command(serve, 9000, binary="llama-server")
+    argv = LlamaCpp(serve).command(9000, binary="llama-server")
     assert argv[:3] == ["llama-server", "-m", str(embedded_model_path())]
     assert embedded_model_path().is_file()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("-np") + 1] == "4" and argv[argv.index("--alias") + 1] == "smollm2-135m"
     # A thread per open connection: enough for every worker's idle keep-alive connections plus /health.
     assert int(argv[argv.index("--threads-http") + 1]) >= 64
+
+
+def test_each_engine_is_a_class_the_registry_names() -> None:
+    """Callers ask the registry for a spec's engine; what differs between servers is the engine's."""
+    default, tiny = load_recipe("default").serve, load_recipe("tiny").serve
+    assert default is not None and tiny is not None
+    assert isinstance(engine_of(default), Vllm) and isinstance(engine_of(tiny), LlamaCpp)
+    assert (default.capacity, default.gpus) == (256 * 8, 8) and (tiny.capacity, tiny.gpus) == (4, 0)
+    assert engine_of(default.model_copy(update={"device": "cpu"})).gpus == 0
+    sim = simulator_spec(slots=7)
+    assert isinstance(engine_of(sim), SimulatorEngine) and (sim.capacity, sim.gpus) == (7, 0)
+    assert server_command(sim, 8000)[1] == "SIMULATOR_API_KEY" and not engine_of(sim).counts_tokens
+
+
+def test_the_simulator_is_an_engine_of_the_tests_not_of_the_product(out_dir: Path) -> None:
+    """The product's recipes take llama_cpp or vllm; serve.engine=simulator only where the tests register it."""
+    assert set(PRODUCT) == {"llama_cpp", "vllm"} and "simulator" in engines()
+    product = run_cli("validate", "recipe=tiny", "serve.engine=simulator", out_dir=out_dir, env={EXTRA_ENGINES_ENV: ""})
+    assert product.returncode == 2, product.stderr
+    assert "serve.engine: Input should be 'llama_cpp' or 'vllm'" in product.stderr
+    tests = run_cli("validate", "recipe=tiny", "serve.engine=simulator", out_dir=out_dir)
+    assert tests.returncode == 0, tests.stderr
 
 
 @pytest.mark.e2e
@@ -79,7 +96,7 @@ def test_fp8_layer_serves_the_fp8_checkpoint_with_an_fp8_kv_cache(tmp_path: Path
     mine.write_text("defaults: [default, layers/fp8]\n")
     serve = load_recipe(str(mine)).serve
     assert serve is not None
-    argv = vllm_command(serve, 8000)
+    argv = Vllm(serve).command(8000)
     assert argv[argv.index("--model") + 1] == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8"
     assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8"
     assert "--enable-expert-parallel" in argv and "--reasoning-parser" in argv  # the rest as in the default
@@ -106,14 +123,14 @@ def test_offline_weights_must_be_staged_before_any_server_starts(tmp_path: Path,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    check_weights_staged(serve)  # online: vLLM may download (bounded by serve.first_start_timeout_s)
+    engine_of(serve).check_before_start()  # online: vLLM may download (bounded by serve.first_start_timeout_s)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RecipeError, match=r"NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 is not staged in .*/hf/hub"):
-        check_weights_staged(serve)
+        engine_of(serve).check_before_start()
     snapshot = tmp_path / "hf/hub/models--nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16/snapshots/0123abc"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
-    check_weights_staged(serve)
+    engine_of(serve).check_before_start()
 
 
 def test_each_server_of_a_node_gets_its_own_gpus_in_order() -> None:

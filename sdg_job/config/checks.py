@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
-
 import jinja2
 import jinja2.meta
 import jsonschema
@@ -24,11 +21,11 @@ from sdg_job.config.schema import (
     ServeGroup,
     StructuredMessagesProjection,
 )
+from sdg_job.engines import engine_of
 from sdg_job.errors import RecipeError, all_problems
 from sdg_job.seeds import read_seed_rows, seed_fields
 
 _JINJA = jinja2.Environment()
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as vLLM takes a model
 SERVE_REFUSED = "<serve>"  # in `broken`: the schema refused the serve section (no name of a column or model)
 
 
@@ -247,16 +244,14 @@ def _serving_problems(recipe: Recipe, local: list[str], broken: frozenset[str]) 
                 found.append((key, f"{alias} is served by {served_by[alias] or 'serve'} already: one server each"))
             else:
                 served_by[alias] = name
-    for name, spec in servers.items():  # a Hugging Face id under llama.cpp fails only at start, on every node
-        if spec.engine == "llama_cpp" and HUB_ID.fullmatch(spec.model) and not os.path.exists(spec.model):
-            message = (f"llama_cpp serves a .gguf file or `embedded`, not the Hugging Face id {spec.model!r} (an id "
-                       "is for engine vllm; a layer that names a model per server, such as layer=judge, is for GPU "
-                       "nodes)")  # fmt: skip
+    for name, spec in servers.items():  # what would fail only at start, on every node
+        if message := engine_of(spec).model_problem():
             found.append((f"{recipe.serve_key(name)}.model", message))
     for alias in local:  # vLLM runs a model either to generate or to embed, never both on one server
-        serving = [spec.engine for spec in servers.values() if alias in spec.aliases or not several]
+        serving = [engine_of(spec) for spec in servers.values() if alias in spec.aliases or not several]
         engine = serving[0] if serving else None
-        if alias not in broken and recipe.models[alias].inference_parameters.embeds and engine == "vllm":
+        embeds = recipe.models[alias].inference_parameters.embeds
+        if alias not in broken and embeds and engine is not None and not engine.serves_embeddings:
             found.append(
                 (
                     f"models.{alias}.inference_parameters.generation_type",

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from sdg_job.config.secrets import mask_secrets
+from sdg_job.engines import engine_of, engines
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -49,8 +51,6 @@ class InferenceParameters(Strict):
 # The keys above added after recipes were hashed: left out of the hash at their default, so a recipe's identity is
 # what it was before they existed.
 NEWER_MODEL_KEYS = {"generation_type": "chat-completion", "dimensions": None}
-# What llama-server needs to answer /v1/embeddings too (its chat completions go on as before).
-LLAMA_EMBEDDING_ARGS = ["--embeddings", "--pooling", "mean"]
 
 
 class ModelSpec(Strict):
@@ -111,9 +111,9 @@ class ProviderSpec(Strict):
 class ServeSpec(Strict):
     """How the job stands up one of its own servers, on every node, for the models with `provider: local`."""
 
-    engine: Literal["llama_cpp", "vllm", "simulator"] = Field(
-        description="vllm on GPU nodes, llama_cpp on CPU, simulator (sdg_job.simulator) for benchmarks and tests"
-    )
+    # A name of sdg_job.engines (llama_cpp, vllm, and what a test registers), checked by `_an_engine`: a Literal
+    # would fix the list where the schema is written, and the simulator is not the product's.
+    engine: str = Field(description="vllm on GPU nodes, llama_cpp on CPU (sdg_job.engines)")
     model: str = Field(description="vLLM: HF id or path. llama_cpp: a .gguf path or 'embedded' (SmolLM2 from PyPI)")
     served_model_name: str
     host: str = "127.0.0.1"
@@ -150,6 +150,8 @@ class ServeSpec(Strict):
         "PATH, else the cached build of scripts/build-llama-server.sh",
     )
     parallel: int = Field(default=4, ge=1, description="llama-server slots (-np), simulator slots")
+    # The simulator's, though it is no product engine: every recipe's hash includes it (at its default), and the
+    # benchmarks' overrides set it; a key a recipe's identity holds is not moved.
     seconds_per_token: float = Field(default=0.001, gt=0, description="simulator only: decode time per token")
     ctx_size: int = Field(default=8192, ge=256)
     threads: int | None = Field(default=None, ge=1)
@@ -160,19 +162,24 @@ class ServeSpec(Strict):
         "serve: section serves every model with provider local",
     )
 
+    @field_validator("engine", mode="before")  # before str's own check: a number gets the same message
+    @classmethod
+    def _an_engine(cls, v: Any) -> Any:
+        if not isinstance(v, str) or v not in engines():  # in pydantic's words for a Literal, as before
+            names = [repr(name) for name in engines()]
+            expected = f"{', '.join(names[:-1])} or {names[-1]}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
+
     @property
     def capacity(self) -> int:
         """Concurrent sequences one server can run: what the client should keep in flight."""
-        if self.engine == "vllm":
-            return self.max_num_seqs * self.data_parallel_size
-        return self.parallel
+        return engine_of(self).capacity
 
     @property
     def gpus(self) -> int:
         """GPUs one server needs on its node."""
-        if self.engine == "vllm" and self.device == "gpu":
-            return self.tensor_parallel_size * self.data_parallel_size
-        return 0
+        return engine_of(self).gpus
 
 
 class ServeGroup(Strict):
@@ -511,8 +518,9 @@ class Recipe(Strict):
         """`spec` as it runs for `aliases`: a llama.cpp server with an embedding model among them embeds too."""
         update: dict[str, Any] = {"aliases": aliases}
         embeds = any(self.models[a].inference_parameters.embeds for a in aliases)
-        if embeds and spec.engine == "llama_cpp" and "--embeddings" not in spec.extra_args:
-            update["extra_args"] = [*spec.extra_args, *LLAMA_EMBEDDING_ARGS]
+        args = engine_of(spec).embedding_args
+        if embeds and args and args[0] not in spec.extra_args:
+            update["extra_args"] = [*spec.extra_args, *args]
         return spec.model_copy(update=update)
 
     def serve_key(self, server: str) -> str:

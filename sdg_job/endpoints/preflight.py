@@ -14,8 +14,8 @@ import httpx
 
 from sdg_job.config import ProviderSpec, Recipe
 from sdg_job.config.secrets import without_userinfo
+from sdg_job.engines import engine_of
 from sdg_job.errors import RecipeError
-from sdg_job.serve import check_weights_staged
 
 log = logging.getLogger("sdg_job.endpoints")  # the name the job's log (and its tests) have always used
 # A 1-token completion answers in about a second at a hosted provider; a cold serverless model may take longer.
@@ -136,5 +136,5 @@ def check_outside(recipe: Recipe, source: str) -> None:
     """What the job needs from outside, before anything is written: offline, the staged weights of its own vLLM
     servers; for each remote provider, the key and an endpoint that answers for its models (endpoints.preflight)."""
     for name, spec in recipe.servers.items():
-        check_weights_staged(spec, f"{recipe.serve_key(name)}.model")
+        engine_of(spec).check_before_start(f"{recipe.serve_key(name)}.model")
     preflight(recipe, source)
