@@ -110,11 +110,11 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's Chromium, installed once if it is not there (root, as the test machine is; CI installs it too)."""
-    if not Path(CHROMIUM).exists():
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+    """Debian's Chromium, installed once if it is not there, as every component a test needs."""
+    script = REPO / "scripts" / "install-debian-packages.sh"
+    subprocess.run(
+        [str(script), "chromium", "chromium"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    )
     return CHROMIUM
 
 
