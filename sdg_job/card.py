@@ -229,6 +229,15 @@ def _counts(m: dict) -> str:
                   f"{lengths['max']}. A `max_length` below a record's count cuts that record."]  # fmt: skip
     else:
         lines += ["", "Tokens per record: not counted (the job counts them only with a model it serves)."]
+    if diversity := m.get("diversity"):
+        text = diversity["generated_text"]
+        lines += ["", f"Diversity: {diversity['near_duplicates']} near-duplicates passed over; distinct-1 "
+                  f"{text['distinct_1']}, distinct-2 {text['distinct_2']} of the generated text (first "
+                  f"{text['records']} records)."]  # fmt: skip
+        for name, spread in diversity["samplers"].items():
+            shown = (", ".join(f"{v} {n}" for v, n in list(spread["counts"].items())[:8]) if "counts" in spread
+                     else f"min {spread['min']}, mean {spread['mean']}, max {spread['max']}")  # fmt: skip
+            lines.append(f"- sampler `{name}`: {shown}")
     if dropped:
         kinds: dict[str, int] = {}
         for reason, n in dropped.items():

@@ -11,11 +11,13 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdg_job.config import Recipe, ServeGroup, recipe_dict, recipe_hash
+from sdg_job.diversity import distinct_n, merge_spreads
 from sdg_job.seeds import file_sha256
 from sdg_job.store import RunStore
 from sdg_job.summary import ShardSummary
@@ -79,6 +81,11 @@ def build_manifest(
         "tokens": {"input": sum(x.input_tokens for x in summaries.values()), "output": tokens_out},
         "usage": usage_by_alias(summaries.values()),
         "record_tokens": record_tokens(recipe, job.store, ids),
+        "diversity": {
+            "near_duplicates": passed["near_duplicate"],
+            "samplers": merge_spreads([summaries[i].sampled for i in ids]),
+            "generated_text": distinct_n(recipe.output_files if status == "complete" else [partial_path(recipe)]),
+        },
         "shards": [summaries[i].manifest_entry() for i in ids],
         "shards_skipped_on_resume": job.skipped,
         "started_at": started_at.isoformat(timespec="seconds"),
@@ -100,6 +107,10 @@ def record_tokens(recipe: Recipe, store: RunStore, ids: list[str]) -> dict[str, 
     server = recipe.counting_server
     return {"tokenizer": tokenizer_name(recipe.servers[server] if server else None), "records": len(counts),
             "min": int(counts.min()), "p50": int(p50), "p95": int(p95), "max": int(counts.max())}  # fmt: skip
+
+
+def partial_path(recipe: Recipe) -> Path:
+    return recipe.output_path.with_name(recipe.output_path.name + ".partial")
 
 
 def seed_info(recipe: Recipe, rows: int) -> dict | None:

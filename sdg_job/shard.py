@@ -11,7 +11,9 @@ from collections.abc import Callable
 from sdg_job import near_dupes
 from sdg_job.card import column_types
 from sdg_job.config import Recipe
+from sdg_job.config.dd_shape import columns_as_dd
 from sdg_job.config.secrets import without_userinfo
+from sdg_job.diversity import sampler_spread
 from sdg_job.endpoints import Routes, redact
 from sdg_job.errors import ServerUnavailable
 from sdg_job.generate import generate, load_engine
@@ -69,6 +71,7 @@ def run_shard(
         request_error=redact_keys(result.request_error, routes),
         request_error_provider=result.request_error_provider,
         columns=column_types(records),  # for the dataset card's features, found here rather than by the driver
+        sampled=sampler_spread(result.rows, samplers(recipe)),
     )
     # Counted by the job's own server, which knows the model's tokenizer (a remote provider exposes none).
     server = recipe.counting_server
@@ -80,6 +83,10 @@ def run_shard(
     committed = store.commit(shard.id, records, summary, tokens, sigs)
     shutil.rmtree(work_dir, ignore_errors=True)
     return committed
+
+
+def samplers(recipe: Recipe) -> list[str]:
+    return [c["name"] for c in columns_as_dd(recipe) if isinstance(c, dict) and c.get("column_type") == "sampler"]
 
 
 def redact_keys(text: str | None, routes: Routes) -> str | None:

@@ -15,7 +15,7 @@ from sdg_job.card import Columns
 
 SUMMARY_VERSION = 1  # 0: the untyped dict earlier versions wrote, without a `version` key; 1: this model
 # Left out of the manifest's shard entries: the version is the file's business; column types are the card's.
-NOT_IN_MANIFEST = {"version", "columns"}
+NOT_IN_MANIFEST = {"version", "columns", "sampled"}
 
 
 class ShardSummary(BaseModel):
@@ -47,6 +47,7 @@ class ShardSummary(BaseModel):
     request_error: str | None = None  # the provider's words for the most frequent cause, keys redacted
     request_error_provider: str | None = None  # and which provider said them
     columns: Columns | None = None  # each column's type over its records, for the card; None: not found
+    sampled: dict[str, dict[str, Any]] = {}  # each sampler's values over the rows generated (sdg_job.diversity)
     files: str = ""  # the stem of this attempt's .jsonl/.digests/.tokens: set by RunStore.commit
 
     @classmethod

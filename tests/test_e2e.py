@@ -158,6 +158,13 @@ def test_the_report_opens_in_a_real_browser_with_every_chart_and_the_card_shows_
         assert f"![{title}]({name})" in card and (out_dir / name).read_bytes().startswith(b"\x89PNG")
     # the records' own lengths are charted, not a "not counted" placeholder
     assert manifest["record_tokens"]["records"] == 10
+    diversity = manifest["diversity"]  # each sampler over every row generated, distinct-n of the output's text
+    assert set(diversity["samplers"]) == {"persona", "tone"}
+    assert sum(diversity["samplers"]["tone"]["counts"].values()) == manifest["generated"]
+    assert set(diversity["samplers"]["tone"]["counts"]) <= {"casual", "formal", "brief", "detailed"}
+    text = diversity["generated_text"]
+    assert text["records"] == 10 and 0 < text["distinct_1"] <= text["distinct_2"] <= 1
+    assert f"distinct-1 {text['distinct_1']}" in card and "- sampler `tone`: " in card
 
 
 def test_changed_recipe_refuses_the_old_run_dir_unless_fresh(tiny_run) -> None:
