@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -469,13 +471,67 @@ def driver_memory(sizes: list[int], rows: list[Row], tmp: Path) -> dict[str, flo
     }
 
 
+def store_peak(run_dir: str, n: int, per_shard: int = 10_000) -> None:
+    """Commit `n` records with (random) signatures in shards, then, as a driver does, index them and select the
+    output; prints the records kept, the seconds that took and this process's peak RSS in MB."""
+    from sdg_job.store import RunStore
+    from sdg_job.summary import ShardSummary
+
+    rng = np.random.default_rng(0)
+    writer = RunStore(Path(run_dir), 0.8)
+    writer.open("a" * 64, False, "bench")
+    ids = [f"shard-{k:05d}" for k in range(n // per_shard)]
+    for k, shard_id in enumerate(ids):
+        summary = ShardSummary(shard=shard_id, requested=per_shard, generated=per_shard, valid=per_shard, dropped={},
+                               input_tokens=0, output_tokens=0, seconds=0.0, retries=0, random_seed=0, endpoint="",
+                               worker="bench", error=None)  # fmt: skip
+        sigs = rng.integers(0, 2**32, size=(per_shard, 128), dtype=np.uint32)
+        writer.commit(shard_id, [{"i": k * per_shard + i} for i in range(per_shard)], summary, signatures=sigs)
+    driver = RunStore(Path(run_dir), 0.8)
+    driver.open("a" * 64, False, "bench")
+    started = time.monotonic()
+    driver.load_committed()
+    unique, _ = driver.unique_count(ids, n)
+    print(unique, time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def near_duplicate_cost(records: int, store_records: int, rows: list[Row], tmp: Path) -> dict[str, float]:
+    """quality.near_duplicates=0.8 on vs off, side by side: the job's client CPU per record and its merge time
+    (the default recipe's shape on a fast simulated server), and the driver's peak memory over a run dir of
+    `store_records` committed records with signatures (their index and the selection, in a process of its own)."""
+    found = {}
+    for setting in ("off", "on"):
+        extra = ["quality.near_duplicates=0.8"] if setting == "on" else []
+        manifest, _ = run_job(simulated_serve(256, 0.0005, 32, records, 500) + extra, tmp / f"near-{setting}")
+        found[setting] = manifest
+    cost = {k: m["client_cpu"]["steady_ms_per_record"] for k, m in found.items()}
+    merge = {k: m["timings_s"]["merge"] for k, m in found.items()}
+    passed = found["on"]["diversity"]["near_duplicates"]
+    setting = f"{records:,} records"
+    rows.append(Row("near-duplicates", f"client CPU per record, {setting}, off", cost["off"], "ms/record", 1.0))
+    rows.append(Row("near-duplicates", f"client CPU per record, {setting}, on", cost["on"], "ms/record",
+                    cost["on"] / cost["off"], f"{passed} passed over"))  # fmt: skip
+    rows.append(Row("near-duplicates", f"merge, {setting}, off", merge["off"], "s", 1.0))
+    rows.append(
+        Row("near-duplicates", f"merge, {setting}, on", merge["on"], "s", merge["on"] / max(merge["off"], 1e-3))
+    )
+    call = f"from sdg_job.bench import store_peak; store_peak({str(tmp / 'near-store')!r}, {store_records})"
+    out = subprocess.run([sys.executable, "-c", call], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    unique, seconds, rss = int(out.split()[0]), float(out.split()[1]), float(out.split()[2])
+    what = f"peak RSS, {store_records:,} records with near-duplicates on"
+    rows.append(Row("driver memory", what, rss, "MB", None,
+                    f"index + selection {seconds:.1f} s; {unique:,} kept (random: none near)"))  # fmt: skip
+    return {"near-dup client on/off": cost["on"] / cost["off"], f"driver MB {store_records // 1000}k near-dup": rss}
+
+
 # ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdg_job.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size, as CI runs it")
-    p.add_argument("--skip", default="", help="comma-separated: saturation,engine,quota,real,vllm,scaleout,memory")
+    p.add_argument("--skip", default="",
+                   help="comma-separated: saturation,engine,quota,real,vllm,scaleout,memory,near")  # fmt: skip
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     rows: list[Row] = []
@@ -533,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
             counts = [1_000, 5_000] if a.quick else [10_000, 200_000]
             console.log(f"driver memory and merge at {counts} records …")
             summary |= driver_memory(counts, rows, tmp)
+        if "near" not in skip:
+            records, store_records = (2_000, 100_000) if a.quick else (100_000, 1_000_000)
+            console.log(f"near-duplicates on vs off at {records:,} records; driver memory at {store_records:,} …")
+            summary |= near_duplicate_cost(records, store_records, rows, tmp)
 
     table = Table(title="sdg-job benchmarks (ratios measured side by side in this run)")
     for col in ("measure", "setting", "value", "unit", "ratio", "note"):

@@ -41,7 +41,9 @@ def test_bench_quick_prints_table_and_summary_ratios() -> None:
     assert summary.startswith("summary: ")
     values = dict(re.findall(r"([a-zA-Z][\w =/-]*?) (\d+\.\d+)", summary.removeprefix("summary: ")))
     assert {"saturation C=64", "two servers C=64", "real server", "scale-out K=2", "client ms/record", "start-up s",
-            "engine fixed/released", "driver RSS 5k/1k", "merge MB/s", "remote quota"} <= set(values)  # fmt: skip
+            "engine fixed/released", "driver RSS 5k/1k", "merge MB/s", "remote quota", "near-dup client on/off",
+            "driver MB 100k near-dup"} <= set(values)  # fmt: skip
+    assert float(values["driver MB 100k near-dup"]) < 1024  # the driver's index of signed records stays small
     table = result.stdout
     plain = float(re.search(r"plain Data Designer defaults.*?│\s*[\d.]+\s*│\s*req/s\s*│\s*([\d.]+)", table).group(1))
     assert float(values["saturation C=64"]) > 5 * plain  # sdg-job keeps the server far fuller than DD's defaults
