@@ -238,6 +238,10 @@ def _counts(m: dict) -> str:
             shown = (", ".join(f"{v} {n}" for v, n in list(spread["counts"].items())[:8]) if "counts" in spread
                      else f"min {spread['min']}, mean {spread['mean']}, max {spread['max']}")  # fmt: skip
             lines.append(f"- sampler `{name}`: {shown}")
+    for found in m.get("decontamination") or []:
+        name = str(found["path"]).rsplit("/", 1)[-1]
+        lines.append(f"- decontaminated against `{name}` (sha256 `{found['sha256']}`): {found['records_removed']} "
+                     "records removed")  # fmt: skip
     if dropped:
         kinds: dict[str, int] = {}
         for reason, n in dropped.items():

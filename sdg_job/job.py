@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from sdg_job import decontaminate
 from sdg_job.config import Recipe, recipe_hash
 from sdg_job.endpoints import (
     REQUEST_CAUSES,
@@ -207,6 +208,7 @@ def run(recipe: Recipe, source: str, fresh: bool = False) -> dict[str, Any]:
     Interrupted (exit 128 + signal) on SIGTERM, SIGINT or SIGHUP, JobError (exit 1) when it cannot finish."""
     check_outside(recipe, source)
     check_output_path(recipe, source)
+    decontaminate.preflight(recipe, source)
     signals = Signals().install()
     try:
         # Before RunStore.open, which may wipe the run dir (--fresh): only the lease holder touches it.

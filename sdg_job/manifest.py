@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sdg_job.config import Recipe, ServeGroup, recipe_dict, recipe_hash
+from sdg_job.decontaminate import file_info
 from sdg_job.diversity import distinct_n, merge_spreads
 from sdg_job.seeds import file_sha256
 from sdg_job.store import RunStore
@@ -81,6 +82,7 @@ def build_manifest(
         "tokens": {"input": sum(x.input_tokens for x in summaries.values()), "output": tokens_out},
         "usage": usage_by_alias(summaries.values()),
         "record_tokens": record_tokens(recipe, job.store, ids),
+        "decontamination": decontamination(recipe, [summaries[i] for i in ids]),
         "diversity": {
             "near_duplicates": passed["near_duplicate"],
             "samplers": merge_spreads([summaries[i].sampled for i in ids]),
@@ -107,6 +109,14 @@ def record_tokens(recipe: Recipe, store: RunStore, ids: list[str]) -> dict[str, 
     server = recipe.counting_server
     return {"tokenizer": tokenizer_name(recipe.servers[server] if server else None), "records": len(counts),
             "min": int(counts.min()), "p50": int(p50), "p95": int(p95), "max": int(counts.max())}  # fmt: skip
+
+
+def decontamination(recipe: Recipe, summaries: list) -> list[dict[str, Any]]:
+    """Each evaluation file: its sha256 and how many records it removed."""
+    removed: Counter[str] = Counter()
+    for summary in summaries:
+        removed.update(summary.contaminated)
+    return [{**file_info(path), "records_removed": removed[str(path)]} for path in recipe.quality.decontaminate]
 
 
 def partial_path(recipe: Recipe) -> Path:

@@ -45,6 +45,7 @@ def inputs(recipe: Recipe, source: str) -> list[tuple[str, Path]]:
     found = [("recipe", Path(source))]
     if recipe.seed_dataset is not None:
         found.append(("seed_dataset.path", recipe.seed_dataset.path))
+    found += [(f"quality.decontaminate.{i}", path) for i, path in enumerate(recipe.quality.decontaminate)]
     for name, spec in recipe.servers.items():
         for field in ("model", "llama_server"):
             value = getattr(spec, field)

@@ -13,6 +13,7 @@ from sdg_job.card import column_types
 from sdg_job.config import Recipe
 from sdg_job.config.dd_shape import columns_as_dd
 from sdg_job.config.secrets import without_userinfo
+from sdg_job.decontaminate import split_clean
 from sdg_job.diversity import sampler_spread
 from sdg_job.endpoints import Routes, redact
 from sdg_job.errors import ServerUnavailable
@@ -48,6 +49,12 @@ def run_shard(
     labels = scaffolding_labels(recipe)
     records, dropped = project_rows(recipe.output_projection, result.rows, recipe.filters, labels)
     dropped.update(result.reasons)
+    quality = recipe.quality
+    removed: dict[str, int] = {}
+    if quality.decontaminate:
+        records, removed = split_clean(records, quality.decontaminate, quality.decontaminate_ngram)
+        if removed:
+            dropped["contaminated"] += sum(removed.values())
     summary = ShardSummary(
         shard=shard.id,
         requested=shard.size,
@@ -72,14 +79,14 @@ def run_shard(
         request_error_provider=result.request_error_provider,
         columns=column_types(records),  # for the dataset card's features, found here rather than by the driver
         sampled=sampler_spread(result.rows, samplers(recipe)),
+        contaminated=removed,
     )
     # Counted by the job's own server, which knows the model's tokenizer (a remote provider exposes none).
     server = recipe.counting_server
     tokens = None
     if server is not None and server in routes.own:
         tokens = record_tokens(recipe.servers[server], routes.own[server], recipe.output_projection, records)
-    near = recipe.quality
-    sigs = near_dupes.signatures(records, near.ngram) if near.near_duplicates is not None else None
+    sigs = near_dupes.signatures(records, quality.ngram) if quality.near_duplicates is not None else None
     committed = store.commit(shard.id, records, summary, tokens, sigs)
     shutil.rmtree(work_dir, ignore_errors=True)
     return committed

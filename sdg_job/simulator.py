@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quota", type=int, default=None, help="requests per --quota-window-s; beyond it HTTP 429")
     p.add_argument("--quota-window-s", type=float, default=60.0)
     p.add_argument("--token-quota", type=int, default=None, help="tokens per --quota-window-s; beyond it HTTP 429")
-    a = p.parse_args(argv)
+    # A recipe's llama.cpp layer passes its sampling flags (--repeat-penalty …): the simulator models none of them.
+    a, _ = p.parse_known_args(argv)
     faults = {"500": a.fail_500, "429": a.fail_429, "400": a.fail_400}
 
     async def serve() -> None:

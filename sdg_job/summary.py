@@ -47,6 +47,7 @@ class ShardSummary(BaseModel):
     request_error: str | None = None  # the provider's words for the most frequent cause, keys redacted
     request_error_provider: str | None = None  # and which provider said them
     columns: Columns | None = None  # each column's type over its records, for the card; None: not found
+    contaminated: dict[str, int] = {}  # records dropped as contaminated, by evaluation file
     sampled: dict[str, dict[str, Any]] = {}  # each sampler's values over the rows generated (sdg_job.diversity)
     files: str = ""  # the stem of this attempt's .jsonl/.digests/.tokens: set by RunStore.commit
 

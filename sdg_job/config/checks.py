@@ -82,6 +82,9 @@ def recipe_problems(recipe: Recipe, source: str, broken: frozenset[str] = frozen
     if seed_known:
         _check_projection(recipe, available, report)
     _check_filters(recipe, available, seed_known, report)
+    for i, path in enumerate(recipe.quality.decontaminate):
+        if not path.is_file():
+            report(f"quality.decontaminate.{i}", f"{path}: no such file (an evaluation set: .jsonl, .parquet or text)")
     return found
 
 

@@ -322,4 +322,7 @@ def _absolutize(recipe: Recipe, path: Path) -> Recipe:
     if recipe.seed_dataset is not None:
         seed_path = _full_path(recipe.seed_dataset.path, source, "seed_dataset.path")
         update["seed_dataset"] = recipe.seed_dataset.model_copy(update={"path": seed_path})
+    if evals := recipe.quality.decontaminate:
+        paths = [_full_path(p, source, f"quality.decontaminate.{i}") for i, p in enumerate(evals)]
+        update["quality"] = recipe.quality.model_copy(update={"decontaminate": paths})
     return recipe.model_copy(update=update)

@@ -442,6 +442,12 @@ class Quality(Strict):
         "their word n-grams, e.g. 0.8), across all shards and nodes, and top up; off when unset",
     )
     ngram: int = Field(default=3, ge=1, description="words per n-gram for near_duplicates")
+    decontaminate: list[Path] = Field(
+        default=[],
+        description="evaluation sets (JSON Lines, Parquet or text; every string counts): a record sharing a run of "
+        "decontaminate_ngram words with any of their items is dropped as contaminated, and topped up",
+    )
+    decontaminate_ngram: int = Field(default=13, ge=1, description="words per run for decontaminate")
 
 
 class Recipe(Strict):
