@@ -50,6 +50,8 @@ def finish(job: Job, status: str, error: Exception | None, server_info: list[dic
            t0: float, cpu0: float, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     """What a run leaves beside its output once its shards are done: the merged output (or the partial one),
     the card of a complete dataset, and the manifest, written last, which vouches for both."""
+    report = report_places(job.recipe.output_path)
+    note_written(job.recipe, report)  # before a merge removes the manifest, which may vouch for an earlier output
     if status == "interrupted":
         # Shards abandoned in flight may have committed all the same: the manifest counts what is on disk.
         job.store.load_committed()
@@ -60,8 +62,6 @@ def finish(job: Job, status: str, error: Exception | None, server_info: list[dic
     timings["driver_cpu"] = time.process_time() - cpu0
     manifest = build_manifest(job, server_info, started_at, time.monotonic() - t0, status, timings)
     manifest["error"] = str(error) if error is not None and status != "interrupted" else None
-    report = report_places(job.recipe.output_path)
-    note_written(job.recipe, report)
     manifest["report"] = report[0].name
     manifest["report_charts"] = {path.name: title for path, title in zip(report[1:], CHARTS.values(), strict=True)}
     write_report(job, manifest)

@@ -1,8 +1,8 @@
 """The run's report, beside its output: one static HTML page, readable offline (its charts are inside it), and the
 same charts as PNG files that the dataset card shows. Written by every run that ends with a manifest.
 
-Charts (matplotlib): records and output tokens over the run, per node; records dropped by reason; tokens per
-record as a trainer sees them; the judges' score distributions; requests and tokens per model. A chart without
+Charts (matplotlib): records per node and output tokens per server over the run; records dropped by reason; tokens
+per record as a trainer sees them; the judges' score distributions; requests and tokens per model. A chart without
 data this run says why instead of staying away, so the page and the card always have the same pieces.
 """
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sdg_job.job import Job
 
 CHARTS = {  # file name part → title
-    "progress": "Records and output tokens over the run, per node",
+    "progress": "Records per node and output tokens per server over the run",
     "drops": "Records dropped, by reason",
     "tokens": "Tokens per record, as a trainer sees them",
     "judges": "Judge scores",
@@ -82,23 +82,29 @@ def _png(draw: Callable[[Figure], str | None], title: str) -> bytes:
 
 
 def _progress(fig: Figure, job: Job) -> str | None:
-    """Each committed shard at the time its summary landed: cumulative records and output tokens per node."""
-    points: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
-    for shard_id, summary in job.summaries.items():
-        when = job.store.summary_path(shard_id).stat().st_mtime
-        points[summary.node_id or summary.worker.split(":")[0]].append((when, summary.valid, summary.output_tokens))
-    if not points:
+    """Each committed shard at the time its summary landed: cumulative records per node, and output tokens per
+    server (a model alias on a node: each alias has its own server)."""
+    shards = sorted((job.store.summary_path(shard_id).stat().st_mtime, summary)
+                    for shard_id, summary in job.summaries.items())  # fmt: skip
+    if not shards:
         return "no shard committed"
-    start = min(t for p in points.values() for t, _, _ in p) - max(s.seconds for s in job.summaries.values())
-    records, tokens = fig.subplots(1, 2)
-    for node, found in sorted(points.items()):
-        found.sort()
-        times = [(t - start) / 60 for t, _, _ in found]
-        records.step(times, _cumulative(v for _, v, _ in found), where="post", label=node[:12])
-        tokens.step(times, _cumulative(o for _, _, o in found), where="post", label=node[:12])
-    records.set(xlabel="minutes", ylabel="valid records")
-    tokens.set(xlabel="minutes", ylabel="output tokens")
-    records.legend(fontsize=8)
+    start = shards[0][0] - max(s.seconds for _, s in shards)
+    records: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    tokens: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for when, summary in shards:
+        node = (summary.node_id or summary.worker.split(":")[0])[:12]
+        minutes = (when - start) / 60
+        records[node].append((minutes, summary.valid))
+        by_alias = {alias: used.get("output_tokens", 0) for alias, used in summary.usage.items()}
+        for alias, count in (by_alias or {"all models": summary.output_tokens}).items():
+            tokens[f"{node} {alias}"].append((minutes, count))
+    left, right = fig.subplots(1, 2)
+    for axis, lines in ((left, records), (right, tokens)):
+        for label, found in sorted(lines.items()):
+            axis.step([t for t, _ in found], _cumulative(v for _, v in found), where="post", label=label)
+        axis.legend(fontsize=7)
+    left.set(xlabel="minutes", ylabel="valid records (per node)")
+    right.set(xlabel="minutes", ylabel="output tokens (per server)")
     return None
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdg_job.errors import RecipeError
 from sdg_job.lease import LEASE_FILE, stale_reason
-from sdg_job.store import atomic_write
+from sdg_job.store import RunStore, atomic_write
 
 if TYPE_CHECKING:
     from sdg_job.job import Job
@@ -30,8 +30,10 @@ class StatusFile:
 
     def __init__(self, job: Job):
         self.path = job.store.run_dir / STATUS_FILE
-        self.started, self.started_at = time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.valid_at_start = job.store.totals["valid"]  # a resumed run's rate counts only its own records
+        self.started, self.started_s = time.monotonic(), time.time()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # A resumed run's rate counts only its own records.
+        self.valid_at_start = min(job.store.totals["valid"], job.recipe.num_records)
         self.written = 0.0
 
     def update(self, job: Job, nodes: list, state: str = "running", error: str | None = None) -> None:
@@ -40,7 +42,7 @@ class StatusFile:
             return
         self.written = now
         n, valid = job.recipe.num_records, min(job.store.totals["valid"], job.recipe.num_records)
-        rate = (valid - min(self.valid_at_start, n)) / max(now - self.started, 1e-6)
+        rate = (valid - self.valid_at_start) / max(now - self.started, 1e-6)
         status = {
             "state": state,
             "output": str(job.recipe.output_path),
@@ -53,6 +55,8 @@ class StatusFile:
             "records_per_s": round(rate, 3),
             "eta_s": round((n - valid) / rate) if rate > 0 and state == "running" else None,
             "started_at": self.started_at,
+            "started_s": self.started_s,
+            "records_at_start": self.valid_at_start,
             "updated_at": time.time(),
             "nodes": [{"node_id": node.node_id, "lost": node.lost, "servers": node.info} for node in nodes],
             "last_failure": job.failures[-1] if job.failures else None,
@@ -82,6 +86,16 @@ def read(place: Path) -> dict[str, Any]:
         raise RecipeError(str(run_dir), STATUS_FILE, "not written yet: the driver has not started its shards")
     status = json.loads(path.read_text())
     status["run_dir"] = str(run_dir)
+    # The committed shards are the truth: status.json may be up to EVERY_S behind them, and a killed driver's is.
+    store = RunStore(run_dir)
+    store.load_committed()
+    status["records"] = min(store.totals["valid"], status["num_records"])
+    status["attempted"], status["dropped"] = store.totals["requested"], dict(store.dropped.most_common())
+    status["shards"]["committed"] = len(store.summaries)
+    if status["state"] == "running" and "started_s" in status:
+        n, done = status["num_records"], status["records"]
+        rate = (done - status["records_at_start"]) / max(time.time() - status["started_s"], 1e-6)
+        status["records_per_s"], status["eta_s"] = round(rate, 3), round((n - done) / rate) if rate > 0 else None
     lease_path = run_dir / LEASE_FILE
     holder = json.loads(lease_path.read_text()) if lease_path.is_file() else None
     stale = stale_reason(holder) if holder is not None else None
@@ -90,7 +104,7 @@ def read(place: Path) -> dict[str, Any]:
     else:
         status["driver"] = "not running" + (f": {stale}" if holder is not None and stale else "")
         if status["state"] == "running":  # it ended without saying so: killed, or its node lost
-            status["state"] = "stopped"
+            status["state"], status["eta_s"] = "stopped", None
     return status
 
 

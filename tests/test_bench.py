@@ -48,6 +48,7 @@ def test_bench_quick_prints_table_and_summary_ratios() -> None:
     plain = float(re.search(r"plain Data Designer defaults.*?│\s*[\d.]+\s*│\s*req/s\s*│\s*([\d.]+)", table).group(1))
     assert float(values["saturation C=64"]) > 5 * plain  # sdg-job keeps the server far fuller than DD's defaults
     assert re.search(r"sdg-job, quota .*dropped none", table), table  # a quota costs time, never records
-    # Two servers per node (one per column) are both kept busy: 0.86-0.98 measured, 0.5 when shards ran in step.
-    assert float(values["two servers C=64"]) > 0.7, table
+    # Two servers per node (one per column) are both kept busy: 0.86-0.99 measured alone, 0.63 beside another test
+    # module on this 2-core machine; shards that ran in step keep each busy half the time at most (0.5).
+    assert float(values["two servers C=64"]) > 0.55, table
     assert all(float(v) > 0 for v in values.values())

@@ -20,6 +20,7 @@ import pytest
 from sdg_job import lease as lease_mod
 from sdg_job.errors import RecipeError
 from sdg_job.lease import EXPIRY_S, LEASE_FILE, Lease, stale_reason
+from sdg_job.status import STATUS_FILE
 from sdg_job.supervise import processes_with_env
 from tests.conftest import read_jsonl, run_cli, shard_summary, start_cli, wait_for
 
@@ -198,9 +199,10 @@ def test_a_second_driver_on_the_same_run_dir_is_refused_and_the_first_finishes(o
     assert f"host {holder['host']} pid {holder['pid']}" in second.stderr
     assert "Traceback" not in second.stderr
     assert first.poll() is None  # the holder is still at work
-    # The refused driver wrote nothing: what changed meanwhile is the holder's shards, logs, heartbeat.
+    # The refused driver wrote nothing: what changed meanwhile is the holder's shards, logs, heartbeat, status.
     changed = {p for p in run_dir.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
-    assert all(p.relative_to(run_dir).parts[0] in ("shards", "logs", "dd", LEASE_FILE) for p in changed), changed
+    holders = ("shards", "logs", "dd", LEASE_FILE, STATUS_FILE)
+    assert all(p.relative_to(run_dir).parts[0] in holders for p in changed), changed
     assert sorted(out_dir.iterdir()) == [run_dir]
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-3000:]

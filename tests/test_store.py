@@ -174,11 +174,14 @@ def test_a_run_dir_of_an_earlier_version_resumes(store: RunStore, tmp_path: Path
 
 
 def test_a_shard_file_keeps_the_keys_an_earlier_version_reads(store: RunStore) -> None:
-    """What this version commits, an earlier one resumes: the same keys, and `version` besides."""
+    """What this version commits, an earlier one resumes: the same keys, and besides them `version` and what was
+    added since (a reader of a dict ignores keys it does not know)."""
     fields = {k: v for k, v in UNTYPED.items() if k not in ("shard", "files")}
     committed = store.commit("shard-00000", [record(0), record(1)], shard_summary(**fields))
     on_disk = json.loads(store.summary_path("shard-00000").read_text())
-    assert set(on_disk) == set(UNTYPED) | {"version"} and on_disk["version"] == SUMMARY_VERSION
-    assert {k: v for k, v in on_disk.items() if k not in ("version", "files")} == fields | {"shard": "shard-00000"}
+    added = {"sampled", "contaminated"}
+    assert set(on_disk) == set(UNTYPED) | {"version"} | added and on_disk["version"] == SUMMARY_VERSION
+    kept = {k: v for k, v in on_disk.items() if k not in ("version", "files", *added)}
+    assert kept == fields | {"shard": "shard-00000"}
     assert store.committed("shard-00000") == committed == ShardSummary.from_json(json.dumps(on_disk))
-    assert committed.manifest_entry() == {k: v for k, v in on_disk.items() if k not in ("version", "columns")}
+    assert committed.manifest_entry() == {k: v for k, v in on_disk.items() if k not in ("version", "columns", *added)}
