@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
     from sdg_job.job import Job
 
+log = logging.getLogger("sdg_job")
 CHARTS = {  # file name part → title
     "progress": "Records per node and output tokens per server over the run",
     "drops": "Records dropped, by reason",
@@ -71,7 +73,11 @@ def _png(draw: Callable[[Figure], str | None], title: str) -> bytes:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
-    empty = draw(fig)
+    try:
+        empty = draw(fig)
+    except Exception as e:  # a chart is not worth the run: its output and manifest are written all the same
+        log.warning("report: the chart %r was not drawn: %s: %s", title, type(e).__name__, e)
+        empty = f"not drawn: {type(e).__name__}"
     if empty is not None:
         fig.clear()
         fig.text(0.5, 0.5, empty, ha="center", va="center", fontsize=12, color="#555")
@@ -84,8 +90,8 @@ def _png(draw: Callable[[Figure], str | None], title: str) -> bytes:
 def _progress(fig: Figure, job: Job) -> str | None:
     """Each committed shard at the time its summary landed: cumulative records per node, and output tokens per
     server (a model alias on a node: each alias has its own server)."""
-    shards = sorted((job.store.summary_path(shard_id).stat().st_mtime, summary)
-                    for shard_id, summary in job.summaries.items())  # fmt: skip
+    landed = {shard_id: job.store.summary_path(shard_id).stat().st_mtime for shard_id in job.summaries}
+    shards = [(landed[shard_id], job.summaries[shard_id]) for shard_id in sorted(landed, key=landed.__getitem__)]
     if not shards:
         return "no shard committed"
     start = shards[0][0] - max(s.seconds for _, s in shards)

@@ -153,6 +153,7 @@ def test_the_report_opens_in_a_real_browser_with_every_chart_and_the_card_shows_
     assert errors == []
     assert [i["alt"] for i in images] == list(CHARTS.values())
     assert all(i["complete"] and i["width"] == 800 and i["height"] == 360 for i in images), images
+    assert "was not drawn" not in result.stderr  # every chart drew (a failing one would only warn)
     card = (out_dir / "README.md").read_text()
     for name, title in manifest["report_charts"].items():
         assert f"![{title}]({name})" in card and (out_dir / name).read_bytes().startswith(b"\x89PNG")
