@@ -30,8 +30,8 @@ class StatusFile:
 
     def __init__(self, job: Job):
         self.path = job.store.run_dir / STATUS_FILE
-        self.started, self.started_s = time.monotonic(), time.time()
-        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started_s = time.time()
+        self.started_at = datetime.fromtimestamp(self.started_s, timezone.utc).isoformat(timespec="seconds")
         # A resumed run's rate counts only its own records.
         self.valid_at_start = min(job.store.totals["valid"], job.recipe.num_records)
         self.written = 0.0
@@ -42,7 +42,7 @@ class StatusFile:
             return
         self.written = now
         n, valid = job.recipe.num_records, min(job.store.totals["valid"], job.recipe.num_records)
-        rate = (valid - self.valid_at_start) / max(now - self.started, 1e-6)
+        rate, eta = _pace(n, valid, self.valid_at_start, time.time() - self.started_s)
         status = {
             "state": state,
             "output": str(job.recipe.output_path),
@@ -52,8 +52,8 @@ class StatusFile:
             "dropped": dict(job.store.dropped.most_common()),
             "shards": {"committed": len(job.summaries), "planned": len(job.shards)},
             "retries": len(job.failures),
-            "records_per_s": round(rate, 3),
-            "eta_s": round((n - valid) / rate) if rate > 0 and state == "running" else None,
+            "records_per_s": rate,
+            "eta_s": eta if state == "running" else None,
             "started_at": self.started_at,
             "started_s": self.started_s,
             "records_at_start": self.valid_at_start,
@@ -63,6 +63,13 @@ class StatusFile:
             "error": error,
         }
         atomic_write(self.path, json.dumps(status, indent=2, default=str) + "\n")
+
+
+def _pace(n: int, done: int, at_start: int, elapsed_s: float) -> tuple[float, int | None]:
+    """Records per second since the driver started (a resumed run counts only its own), and the seconds left at
+    that rate (None before the first record)."""
+    rate = (done - at_start) / max(elapsed_s, 1e-6)
+    return round(rate, 3), round((n - done) / rate) if rate > 0 else None
 
 
 def run_dir_of(place: Path) -> Path:
@@ -93,9 +100,9 @@ def read(place: Path) -> dict[str, Any]:
     status["attempted"], status["dropped"] = store.totals["requested"], dict(store.dropped.most_common())
     status["shards"]["committed"] = len(store.summaries)
     if status["state"] == "running" and "started_s" in status:
-        n, done = status["num_records"], status["records"]
-        rate = (done - status["records_at_start"]) / max(time.time() - status["started_s"], 1e-6)
-        status["records_per_s"], status["eta_s"] = round(rate, 3), round((n - done) / rate) if rate > 0 else None
+        elapsed = time.time() - status["started_s"]
+        pace = _pace(status["num_records"], status["records"], status["records_at_start"], elapsed)
+        status["records_per_s"], status["eta_s"] = pace
     lease_path = run_dir / LEASE_FILE
     holder = json.loads(lease_path.read_text()) if lease_path.is_file() else None
     stale = stale_reason(holder) if holder is not None else None
