@@ -221,12 +221,11 @@ def samplers_only() -> dd.DataDesignerConfigBuilder:
     return b
 
 
-def planted_near_duplicates(stories: list[str]) -> dd.DataDesignerConfigBuilder:
-    """No model column: each record is one of `stories` and a fresh ticket id, so two records of the same story are
-    near-duplicates and only len(stories) records are near-unique."""
+def planted_near_duplicates(seed_file: Path) -> dd.DataDesignerConfigBuilder:
+    """No model column: record r is seed row r (in file order, round and round) with a fresh ticket id, so two
+    records of the same story are near-duplicates, and only as many are near-unique as the file has stories."""
     b = dd.DataDesignerConfigBuilder(model_configs=[])
-    b.add_column(dd.SamplerColumnConfig(name="story", sampler_type=dd.SamplerType.CATEGORY,
-                                        params=dd.CategorySamplerParams(values=stories)))  # fmt: skip
+    b.with_seed_dataset(dd.LocalFileSeedSource(path=str(seed_file)), sampling_strategy=dd.SamplingStrategy.ORDERED)
     ticket = dd.UniformSamplerParams(low=1000, high=9999, decimal_places=0)
     b.add_column(dd.SamplerColumnConfig(name="ticket", sampler_type=dd.SamplerType.UNIFORM, params=ticket))
     b.add_column(dd.ExpressionColumnConfig(name="text", expr="Ticket {{ ticket }}: {{ story }}"))

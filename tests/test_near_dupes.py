@@ -86,10 +86,13 @@ def test_the_text_compared_leaves_out_what_every_record_shares() -> None:
 
 @pytest.mark.e2e
 def test_a_run_removes_planted_near_duplicates_tops_up_to_exactly_n_or_says_why_it_cannot(tmp_path: Path) -> None:
-    """A Data Designer config with no model column (no server): records are one of six stories with a fresh
-    ticket id. Six are near-unique: N=5 gives five distinct stories; N=8 ends at its budget naming
+    """A Data Designer config with no model column (no server) over an ordered seed file whose first two rows
+    are one story: record 1 is a near-duplicate of record 0, whatever the samplers draw. Six stories are
+    near-unique: N=5 passes over record 1 and tops up to five distinct; N=8 ends at its budget naming
     near-duplicates."""
-    config = dd_configs.export(dd_configs.planted_near_duplicates(STORIES), tmp_path / "stories.yaml")
+    seeds = tmp_path / "stories.jsonl"
+    seeds.write_text("".join(json.dumps({"story": s}) + "\n" for s in [STORIES[0], *STORIES]))
+    config = dd_configs.export(dd_configs.planted_near_duplicates(seeds), tmp_path / "stories.yaml")
     args = ("run", f"recipe={config}", "quality.near_duplicates=0.5", "generation.shard_size=3")
     result = run_cli(*args, "num_records=5", out_dir=tmp_path / "five")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,7 +100,8 @@ def test_a_run_removes_planted_near_duplicates_tops_up_to_exactly_n_or_says_why_
     assert len(records) == 5 and len({r["story"] for r in records}) == 5
     manifest = json.loads((tmp_path / "five" / "stories.manifest.json").read_text())
     assert manifest["records"] == 5 and manifest["dropped"]["near_duplicate"] >= 1
-    assert manifest["attempted"] > 5  # topped up past the near-duplicates
+    # record 1 passed over, the others kept in plan order (the fifth comes from a top-up shard)
+    assert [r["story"] for r in records[:4]] == STORIES[:4]
     short = run_cli(*args, "num_records=8", out_dir=tmp_path / "eight")
     assert short.returncode == 1, short.stderr[-3000:]
     assert "budget exhausted" in short.stderr and "near-duplicates of earlier records" in short.stderr
