@@ -45,6 +45,13 @@ def commit(store: RunStore, shard_id: str, texts: list[str]) -> None:
     store.note_committed(shard_id, store.committed(shard_id))
 
 
+def planted_config(tmp_path: Path) -> Path:
+    """A Data Designer config over an ordered seed file of the six stories, the first one twice (rows 0 and 1)."""
+    seeds = tmp_path / "stories.jsonl"
+    seeds.write_text("".join(json.dumps({"story": s}) + "\n" for s in [STORIES[0], *STORIES]))
+    return dd_configs.export(dd_configs.planted_near_duplicates(seeds), tmp_path / "stories.yaml")
+
+
 def store_at(run_dir: Path, threshold: float | None) -> RunStore:
     store = RunStore(run_dir, threshold)
     store.open("a" * 64, False, "recipe")
@@ -90,9 +97,7 @@ def test_a_run_removes_planted_near_duplicates_tops_up_to_exactly_n_or_says_why_
     are one story: record 1 is a near-duplicate of record 0, whatever the samplers draw. Six stories are
     near-unique: N=5 passes over record 1 and tops up to five distinct; N=8 ends at its budget naming
     near-duplicates."""
-    seeds = tmp_path / "stories.jsonl"
-    seeds.write_text("".join(json.dumps({"story": s}) + "\n" for s in [STORIES[0], *STORIES]))
-    config = dd_configs.export(dd_configs.planted_near_duplicates(seeds), tmp_path / "stories.yaml")
+    config = planted_config(tmp_path)
     args = ("run", f"recipe={config}", "quality.near_duplicates=0.5", "generation.shard_size=3")
     result = run_cli(*args, "num_records=5", out_dir=tmp_path / "five")
     assert result.returncode == 0, result.stderr[-3000:]

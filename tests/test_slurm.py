@@ -259,11 +259,11 @@ def test_a_data_designer_config_runs_unchanged_across_both_nodes(slurm, tmp_path
 
 def test_planted_near_duplicates_are_removed_across_the_cluster_to_exactly_n(slurm, tmp_path: Path) -> None:
     """quality.near_duplicates on the two-node cluster: shards from any node are compared with every other shard,
-    and the output has exactly N near-unique records (no model column: the records are planted)."""
-    from tests import dd_configs
-    from tests.test_near_dupes import STORIES
+    and the output has exactly N near-unique records (no model column: the records are planted, records 0 and 1
+    of one story in shard 0)."""
+    from tests.test_near_dupes import planted_config
 
-    config = dd_configs.export(dd_configs.planted_near_duplicates(STORIES), tmp_path / "stories.yaml")
+    config = planted_config(tmp_path)
     job = (f"recipe={config}", "num_records=5", "generation.shard_size=2", "quality.near_duplicates=0.5")
     job_dir = tmp_path / "job"
     job_id = sbatch(slurm, job_dir, job=job)
