@@ -7,13 +7,16 @@ or an earlier incarnation of the same Slurm job (a requeue: the old allocation i
 (SIGTERM, Ctrl-C, killed supervisor) marks its lease `releasing`; a new driver waits for it instead of refusing,
 so "kill, then run the same command again" just works.
 
-Taking a lease is a link(2) of a private temp file onto the lease path: atomic and exclusive on NFS and Lustre
-too, so two drivers starting at once cannot both win. A stale lease is first renamed away under a unique name,
-and only a driver that moved the very lease it judged stale goes on.
+Taking a free run dir's lease is a link(2) of a private temp file onto the lease path: atomic and exclusive on NFS
+and Lustre too, so two drivers starting at once cannot both win. Taking over a stale lease is claimed the same
+way, by linking a claim file named after that lease's token: only the driver whose claim lands replaces the lease,
+and the lease path is never empty meanwhile, so no third driver can create one beside it.
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import logging
 import os
@@ -34,6 +37,7 @@ LEASE_FILE = "lease.json"
 HEARTBEAT_S = 10.0
 EXPIRY_S = 60.0
 RELEASE_WAIT_S = 120.0  # how long a new driver waits for a holder that is shutting down
+TAKEOVER_STALL_S = 10.0  # a takeover takes milliseconds: an older claim was left by a driver that died in it
 log = logging.getLogger("sdg_job")
 
 
@@ -141,8 +145,10 @@ class Lease:
                 holder = {"heartbeat_at": self.path.stat().st_mtime} if self.path.exists() else {}
             reason = stale_reason(holder)
             if reason is not None:
-                log.warning("taking over the run dir's stale lease (%s; %s)", describe(holder), reason)
-                self._remove_if_same(holder)
+                if self._take_over(holder):
+                    log.warning("took over the run dir's stale lease (%s; %s)", describe(holder), reason)
+                    break
+                time.sleep(0.05)  # another driver is taking it over: judge its lease next
                 continue
             if holder.get("releasing") and time.monotonic() < deadline:
                 if give_up():
@@ -182,35 +188,42 @@ class Lease:
 
     def _create(self) -> bool:
         """Exclusive create: link a complete private file onto the lease path (fails if the path exists)."""
+        return self._link_new(self.path, json.dumps(self._record(), indent=1) + "\n")
+
+    def _link_new(self, path: Path, text: str) -> bool:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / f".{LEASE_FILE}.{self.token}"
-        atomic_write(tmp, json.dumps(self._record(), indent=1) + "\n")
+        atomic_write(tmp, text)
         try:
-            os.link(tmp, self.path)
+            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _remove_if_same(self, holder: dict[str, Any]) -> None:
-        """Move the stale lease away; if what moved is not the lease judged stale (another driver took over in
-        between), put it back. Either way the caller looks again."""
-        moved = self.run_dir / f".{LEASE_FILE}.stale.{self.token}"
-        try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return
-        try:
-            now = json.loads(moved.read_text())
-        except (OSError, ValueError):
-            now = {}
-        if now.get("token") != holder.get("token"):
+    def _take_over(self, holder: dict[str, Any]) -> bool:
+        """Replace the stale lease `holder` with ours, if this driver's claim on it is the one that lands and the
+        lease is still that one. A claim older than TAKEOVER_STALL_S yields to a claim of the next level."""
+        for level in itertools.count():
+            claim = self.run_dir / f".{LEASE_FILE}.takeover.{holder.get('token')}.{level}"
+            if self._link_new(claim, self.token):
+                break
             try:
-                os.link(moved, self.path)
-            except FileExistsError:
-                pass
-        moved.unlink(missing_ok=True)
+                if time.time() - claim.stat().st_mtime < TAKEOVER_STALL_S:
+                    return False
+            except FileNotFoundError:  # its taker has just finished: look at the lease again
+                return False
+        try:
+            now = self.read()
+            if now is None or (now or {}).get("token") != holder.get("token"):
+                return False
+            atomic_write(self.path, json.dumps(self._record(), indent=1) + "\n")
+            for left in self.run_dir.glob(f".{LEASE_FILE}.takeover.{glob.escape(str(holder.get('token')))}.*"):
+                left.unlink(missing_ok=True)  # by drivers that died taking over the lease now replaced
+            return True
+        finally:
+            claim.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -121,6 +121,55 @@ def test_drivers_starting_at_the_same_moment_get_one_lease_between_them(tmp_path
         assert os.listdir(tmp_path) == []  # no temp file left either
 
 
+def _take_at(args: tuple[str, float]) -> str | None:
+    """A driver process: wait for the common start instant, then try to take the run dir's lease."""
+    run_dir, start = args
+    while time.time() < start:
+        pass
+    try:
+        lease = Lease(Path(run_dir)).acquire(wait_releasing_s=0)
+    except RecipeError:
+        return None
+    assert lease is not None
+    lease._stop.set()  # no heartbeat thread racing the next round
+    return lease.token
+
+
+def test_processes_taking_over_one_stale_lease_at_once_leave_exactly_one_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight driver processes released at one instant onto a stale lease, 100 times, on a file system as slow as
+    shared storage (each link, rename and replace takes up to 2 ms): each time exactly one holds the run dir, and
+    the lease on disk is that one's."""
+    from multiprocessing import get_context
+    from random import SystemRandom
+
+    def slow(call):
+        return lambda *a, **k: (time.sleep(SystemRandom().uniform(0, 0.002)), call(*a, **k))[1]
+
+    for name in ("link", "rename", "replace"):
+        monkeypatch.setattr(os, name, slow(getattr(os, name)))
+    with get_context("fork").Pool(8) as pool:
+        for round_ in range(100):
+            run_dir = tmp_path / str(round_)
+            write_lease(run_dir, heartbeat_at=0)
+            won = [t for t in pool.map(_take_at, [(str(run_dir), time.time() + 0.05)] * 8) if t]
+            assert len(won) == 1, f"round {round_}: {len(won)} drivers hold the run dir"
+            assert json.loads((run_dir / LEASE_FILE).read_text())["token"] == won[0]
+            assert os.listdir(run_dir) == [LEASE_FILE]  # no claim or temp file left
+
+
+def test_a_takeover_claim_left_by_a_driver_that_died_does_not_block_the_next(tmp_path: Path) -> None:
+    write_lease(tmp_path, heartbeat_at=0)
+    claim = tmp_path / f".{LEASE_FILE}.takeover.t.0"
+    claim.write_text("a driver that died while taking over")
+    os.utime(claim, (time.time() - lease_mod.TAKEOVER_STALL_S - 1,) * 2)
+    lease = Lease(tmp_path).acquire(wait_releasing_s=0)
+    assert lease is not None and json.loads((tmp_path / LEASE_FILE).read_text())["token"] == lease.token
+    lease.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_lease_without_heartbeat_for_the_expiry_is_stale_and_taken_over(tmp_path: Path) -> None:
     write_lease(tmp_path, heartbeat_at=time.time() - EXPIRY_S - 1)
     assert "no heartbeat" in (stale_reason(json.loads((tmp_path / LEASE_FILE).read_text())) or "")
