@@ -237,10 +237,33 @@ class _TokenCounter:
             usage.update(requests=1, input_tokens=event.input_tokens, output_tokens=event.output_tokens)
 
 
+def _sample_columns_in_name_order() -> None:
+    """Data Designer samples its sampler columns in the order of a set of their names, which differs from process
+    to process (string hashing is salted per process): each column would take another column's draws from the
+    one generator. Ordered by name, the same seed gives the same values in every worker."""
+    from data_designer.engine.sampling_gen import schema
+
+    def to_networkx(self: schema.Dag) -> Any:
+        import networkx as nx
+
+        dag = nx.DiGraph()
+        dag.add_nodes_from(sorted(self.nodes))
+        dag.add_edges_from(sorted(self.edges))
+        return dag
+
+    schema.Dag.to_networkx = to_networkx  # type: ignore[method-assign]
+
+
 def generate(
-    recipe: Recipe, routes: Routes, num_records: int, seed_rows: list[dict] | None, work_dir: Path
+    recipe: Recipe,
+    routes: Routes,
+    num_records: int,
+    seed_rows: list[dict] | None,
+    work_dir: Path,
+    random_seed: int | None = None,
 ) -> GenerationResult:
-    """Run Data Designer for `num_records` rows. Never raises for bad rows: they are counted as failed."""
+    """Run Data Designer for `num_records` rows. Never raises for bad rows: they are counted as failed.
+    `random_seed` (the shard's): the samplers draw the same values each time, a retried shard's too."""
     import data_designer.config as dd
     from data_designer.engine.models.usage_events import subscribe_token_usage
     from data_designer.interface import DataDesigner
@@ -267,6 +290,14 @@ def generate(
     observer = observe.RequestObserver.for_routes(routes)  # this call's own: cut answers, failed requests, paces
     counter = _TokenCounter(guided_aliases(recipe))
     unsubscribe = subscribe_token_usage(counter)
+    if random_seed is not None:  # Data Designer's samplers draw from numpy's global generator when given no seed
+        import random
+
+        import numpy as np
+
+        _sample_columns_in_name_order()
+        np.random.seed(random_seed % 2**32)
+        random.seed(random_seed)
     try:
         with observer.watching():
             result = designer.create(builder, num_records=num_records, dataset_name="shard")

@@ -42,7 +42,7 @@ def run_shard(
     engine_load_cpu = load_engine()
     started, cpu_started = time.monotonic(), time.process_time()
     work_dir = store.run_dir / "dd" / f"{shard.id}.{attempt}"
-    result = generate(recipe, routes, shard.size, seed_rows or None, work_dir)
+    result = generate(recipe, routes, shard.size, seed_rows or None, work_dir, shard.random_seed)
     if server_ok is not None and not server_ok():
         urls = ", ".join(e.url for e in routes.own.values()) or "the server"
         raise ServerUnavailable(f"{urls} stopped answering during {shard.id}")

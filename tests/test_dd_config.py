@@ -196,9 +196,16 @@ def test_every_offline_column_type_a_constraint_and_a_processor(exported, tmp_pa
 
 
 @pytest.mark.e2e
-def test_a_config_that_asks_no_model_runs_without_a_server(exported, tmp_path: Path) -> None:
-    records, manifest = _run(exported["samplers"], tmp_path, "generation.shard_size=3", n=7)
+def test_a_config_that_asks_no_model_runs_without_a_server_and_draws_by_its_random_seed(
+    exported, tmp_path: Path
+) -> None:
+    """The samplers of each shard draw from the shard's seed (of generation.random_seed): the same recipe gives the
+    same records, another random_seed others."""
+    records, manifest = _run(exported["samplers"], tmp_path / "a", "generation.shard_size=3", n=7)
     assert [list(r) for r in records] == [["code", "size", "label"]] * 7
     for r in records:
         assert r["code"] in ("a", "b", "c") and 1 <= r["size"] <= 9 and r["label"].startswith(f"{r['code']}-")
     assert manifest["usage"] == {}
+    again, _ = _run(exported["samplers"], tmp_path / "b", "generation.shard_size=3", n=7)
+    other, _ = _run(exported["samplers"], tmp_path / "c", "generation.shard_size=3", "generation.random_seed=1", n=7)
+    assert again == records and other != records
