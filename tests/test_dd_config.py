@@ -86,6 +86,21 @@ def test_a_config_that_asks_no_model_validates(exported, tmp_path: Path) -> None
     assert yaml.safe_load(result.stdout)["models"] == {}
 
 
+def test_models_of_a_data_designer_home_that_no_column_asks_for_are_not_the_runs(exported, tmp_path: Path) -> None:
+    """A builder writes every model of its user's ~/.data-designer into the file, at providers the job does not
+    know (openrouter): the ones no column names neither need a provider nor become the recipe's models."""
+    home = [{"alias": "openrouter-text", "model": "nvidia/nemotron-3-nano-30b-a3b", "provider": "openrouter"},
+            {"alias": "my-judge", "model": "judge", "provider": "my-gateway"}]  # fmt: skip
+    config = _edited(exported["qa"], tmp_path, lambda d: d["data_designer"].update(model_configs=home))
+    result = run_cli("validate", f"recipe={config}", out_dir=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert list(yaml.safe_load(result.stdout)["models"]) == ["openai-text"]  # what the columns use
+    (tmp_path / "used").mkdir()
+    used = _edited(config, tmp_path / "used", lambda d: _column(d, "answer").update(model_alias="my-judge"))
+    refused = run_cli("validate", f"recipe={used}", out_dir=tmp_path / "out")
+    assert refused.returncode == 2 and "models.my-judge.provider: no providers.my-gateway entry" in refused.stderr
+
+
 BAD = {
     "unknown_column_type": (lambda d: _column(d, "task").update(column_type="llm-poem"),
                             "data_designer.columns.task"),

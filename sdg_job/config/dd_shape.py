@@ -111,17 +111,20 @@ def used_aliases(columns: dict[str, Any]) -> list[str]:
 
 
 def _models(model_configs: list, columns: dict[str, Any], source: str, found: Problems) -> dict[str, Any]:
-    """The recipe's models: the file's model configs, then Data Designer's built-in ones for the aliases used."""
+    """The recipe's models: the aliases the columns use, as the file's model configs set them, else as Data
+    Designer's built-in ones do. A builder writes every model of its user's Data Designer home into the file
+    (`openrouter-text`, …): the ones no column asks for are not the run's, and their providers need not exist."""
     from data_designer.config.default_model_settings import get_builtin_model_configs
 
+    used = used_aliases(columns)
     models: dict[str, Any] = {}
     for i, mc in enumerate(model_configs):
         if not isinstance(mc, dict) or not isinstance(mc.get("alias"), str):
             found.append((source, f"data_designer.model_configs.{i}", "must be a mapping with an 'alias'"))
-            continue
-        models[mc["alias"]] = _model(mc)
+        elif mc["alias"] in used:
+            models[mc["alias"]] = _model(mc)
     builtin = {mc.alias: mc.model_dump(mode="json") for mc in get_builtin_model_configs()}
-    for alias in used_aliases(columns):
+    for alias in used:
         if alias not in models and alias in builtin:
             models[alias] = _model(builtin[alias])
     return models
