@@ -141,7 +141,27 @@ def open_in_browser(chromium: str, page_path: Path) -> tuple[list[dict], list[st
 
 
 def all_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()]
+    """Every file under root; what a live run removes during the walk (a shard's scratch dir) is passed over."""
+    return [Path(d, f) for d, _, files in os.walk(root) for f in files if os.path.isfile(os.path.join(d, f))]
+
+
+def mtimes(root: Path) -> dict[Path, int]:
+    """Each file under root and its modification time, as all_files finds them."""
+    found = {}
+    for path in all_files(root):
+        try:
+            found[path] = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def text_of(path: Path) -> str:
+    """A file's text, or "" once it is gone (another process's scratch file)."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def wait_for(predicate, timeout: float = 300, what: str = "condition"):

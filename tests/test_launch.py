@@ -16,7 +16,7 @@ import pytest
 
 from sdg_job.serve import Server
 from sdg_job.simulator import simulator_spec
-from tests.conftest import REPO, all_files, read_jsonl
+from tests.conftest import REPO, all_files, read_jsonl, text_of
 
 SECRET = "nvapi-SENTINEL-launch-0123456789"
 HF_SECRET = "hf_SENTINEL_launch_abcdefghij"
@@ -55,7 +55,7 @@ def everything_written(root: Path) -> str:
     """All text under root, with NeMo-Run's zlib+base64 blobs (_CONFIG, _TASKS) decoded too."""
     chunks = []
     for path in all_files(root):
-        text = path.read_text(errors="replace")
+        text = text_of(path)
         chunks.append(text)
         for blob in re.findall(r"eJ[A-Za-z0-9_\-]+=*", text):
             try:

@@ -22,7 +22,7 @@ from sdg_job.errors import RecipeError
 from sdg_job.lease import EXPIRY_S, LEASE_FILE, Lease, stale_reason
 from sdg_job.status import STATUS_FILE
 from sdg_job.supervise import processes_with_env
-from tests.conftest import read_jsonl, run_cli, shard_summary, start_cli, wait_for
+from tests.conftest import mtimes, read_jsonl, run_cli, shard_summary, start_cli, wait_for
 
 # Long enough to signal mid-run: 8 shards of 3 records, two in flight at a time.
 N = 24
@@ -242,14 +242,14 @@ def test_a_second_driver_on_the_same_run_dir_is_refused_and_the_first_finishes(o
     run_dir = out_dir / RUN_DIR
     wait_for(lambda: committed(out_dir), what="the first driver's first shard")
     holder = json.loads((run_dir / LEASE_FILE).read_text())
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    before = mtimes(run_dir)
     second = run_cli(*ARGS, out_dir=out_dir, timeout=120)
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"host {holder['host']} pid {holder['pid']}" in second.stderr
     assert "Traceback" not in second.stderr
     assert first.poll() is None  # the holder is still at work
     # The refused driver wrote nothing: what changed meanwhile is the holder's shards, logs, heartbeat, status.
-    changed = {p for p in run_dir.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+    changed = {p for p, mtime in mtimes(run_dir).items() if before.get(p) != mtime}
     holders = ("shards", "logs", "dd", LEASE_FILE, STATUS_FILE)
     assert all(p.relative_to(run_dir).parts[0] in holders for p in changed), changed
     assert sorted(out_dir.iterdir()) == [run_dir]

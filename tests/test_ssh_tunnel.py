@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sdg_job.supervise import processes_with_env, start_time
-from tests.conftest import REPO, all_files, wait_for
+from tests.conftest import REPO, all_files, text_of, wait_for
 from tests.test_launch import everything_written
 from tests.test_slurm import (
     CLUSTER_SCRIPT,
@@ -237,7 +237,7 @@ def test_a_laptop_submits_through_the_ssh_tunnel(cluster: Path, login_node: dict
     ray_sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= time.time() - 3600]
     assert ray_sessions, "no Ray session of the job found in /tmp/ray"
     for root in [tmp_path, cluster.parent, Path(login_node["dir"]), *ray_sessions]:
-        leaks = [p for p in all_files(root) if SECRET in p.read_text(errors="replace") and p not in slurm_copy]
+        leaks = [p for p in all_files(root) if SECRET in text_of(p) and p not in slurm_copy]
         assert not leaks, leaks
     # Nothing of the job is left: Slurm ended the Ray steps, and every server. The sentinel marks every process of the
     # job as well (this test's own environment lacks it), whatever else a process's environment lost.
