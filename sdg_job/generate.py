@@ -237,10 +237,14 @@ class _TokenCounter:
             usage.update(requests=1, input_tokens=event.input_tokens, output_tokens=event.output_tokens)
 
 
-def _sample_columns_in_name_order() -> None:
-    """Data Designer samples its sampler columns in the order of a set of their names, which differs from process
-    to process (string hashing is salted per process): each column would take another column's draws from the
-    one generator. Ordered by name, the same seed gives the same values in every worker."""
+def seed_samplers(random_seed: int) -> None:
+    """Data Designer's samplers, given no seed, draw from numpy's global generator, column by column in the order of
+    a set of their names, which differs from process to process (string hashing is salted per process): seeded
+    alone, each column would take another's draws. Ordered by name and seeded, a shard draws the same values in
+    every worker."""
+    import random
+
+    import numpy as np
     from data_designer.engine.sampling_gen import schema
 
     def to_networkx(self: schema.Dag) -> Any:
@@ -252,25 +256,15 @@ def _sample_columns_in_name_order() -> None:
         return dag
 
     schema.Dag.to_networkx = to_networkx  # type: ignore[method-assign]
+    np.random.seed(random_seed % 2**32)
+    random.seed(random_seed)
 
 
-def generate(
-    recipe: Recipe,
-    routes: Routes,
-    num_records: int,
-    seed_rows: list[dict] | None,
-    work_dir: Path,
-    random_seed: int | None = None,
-) -> GenerationResult:
-    """Run Data Designer for `num_records` rows. Never raises for bad rows: they are counted as failed.
-    `random_seed` (the shard's): the samplers draw the same values each time, a retried shard's too."""
+def _designer(routes: Routes, work_dir: Path, num_records: int):
+    """Data Designer with the shard's endpoints as its providers, run the way the job counts rows."""
     import data_designer.config as dd
-    from data_designer.engine.models.usage_events import subscribe_token_usage
     from data_designer.interface import DataDesigner
 
-    from sdg_job import observe
-
-    observe.install()  # once per process; results depend on it (a no-op after load_engine)
     providers = [dd.ModelProvider(name=e.provider, endpoint=e.url, api_key=e.api_key_env or "none")
                  for e in routes.endpoints]  # fmt: skip
     if not providers:  # a config that asks no model; Data Designer wants a provider all the same, and calls none
@@ -286,18 +280,31 @@ def generate(
             progress_interval=3600,
         )
     )
+    return designer
+
+
+def generate(
+    recipe: Recipe,
+    routes: Routes,
+    num_records: int,
+    seed_rows: list[dict] | None,
+    work_dir: Path,
+    random_seed: int | None = None,
+) -> GenerationResult:
+    """Run Data Designer for `num_records` rows. Never raises for bad rows: they are counted as failed.
+    `random_seed` (the shard's): the samplers draw the same values each time, a retried shard's too."""
+    from data_designer.engine.models.usage_events import subscribe_token_usage
+
+    from sdg_job import observe
+
+    observe.install()  # once per process; results depend on it (a no-op after load_engine)
+    designer = _designer(routes, work_dir, num_records)
     builder = build_config(recipe, routes, seed_rows)
     observer = observe.RequestObserver.for_routes(routes)  # this call's own: cut answers, failed requests, paces
     counter = _TokenCounter(guided_aliases(recipe))
     unsubscribe = subscribe_token_usage(counter)
-    if random_seed is not None:  # Data Designer's samplers draw from numpy's global generator when given no seed
-        import random
-
-        import numpy as np
-
-        _sample_columns_in_name_order()
-        np.random.seed(random_seed % 2**32)
-        random.seed(random_seed)
+    if random_seed is not None:
+        seed_samplers(random_seed)
     try:
         with observer.watching():
             result = designer.create(builder, num_records=num_records, dataset_name="shard")
