@@ -237,6 +237,16 @@ class _TokenCounter:
             usage.update(requests=1, input_tokens=event.input_tokens, output_tokens=event.output_tokens)
 
 
+def _dag_in_name_order(dag: Any) -> Any:
+    """Data Designer's sampler Dag.to_networkx, with its nodes and edges added in sorted order, not a set's."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(sorted(dag.nodes))
+    graph.add_edges_from(sorted(dag.edges))
+    return graph
+
+
 def seed_samplers(random_seed: int) -> None:
     """Data Designer's samplers, given no seed, draw from numpy's global generator, column by column in the order of
     a set of their names, which differs from process to process (string hashing is salted per process): seeded
@@ -247,15 +257,7 @@ def seed_samplers(random_seed: int) -> None:
     import numpy as np
     from data_designer.engine.sampling_gen import schema
 
-    def to_networkx(self: schema.Dag) -> Any:
-        import networkx as nx
-
-        dag = nx.DiGraph()
-        dag.add_nodes_from(sorted(self.nodes))
-        dag.add_edges_from(sorted(self.edges))
-        return dag
-
-    schema.Dag.to_networkx = to_networkx  # type: ignore[method-assign]
+    schema.Dag.to_networkx = _dag_in_name_order  # type: ignore[method-assign]
     np.random.seed(random_seed % 2**32)
     random.seed(random_seed)
 

@@ -205,8 +205,9 @@ class Lease:
     def _take_over(self, holder: dict[str, Any]) -> bool:
         """Replace the stale lease `holder` with ours, if this driver's claim on it is the one that lands and the
         lease is still that one. A claim older than TAKEOVER_STALL_S yields to a claim of the next level."""
+        claims = f".{LEASE_FILE}.takeover.{holder.get('token')}."
         for level in itertools.count():
-            claim = self.run_dir / f".{LEASE_FILE}.takeover.{holder.get('token')}.{level}"
+            claim = self.run_dir / f"{claims}{level}"
             if self._link_new(claim, self.token):
                 break
             try:
@@ -216,10 +217,10 @@ class Lease:
                 return False
         try:
             now = self.read()
-            if now is None or (now or {}).get("token") != holder.get("token"):
+            if now is None or now.get("token") != holder.get("token"):
                 return False
             atomic_write(self.path, json.dumps(self._record(), indent=1) + "\n")
-            for left in self.run_dir.glob(f".{LEASE_FILE}.takeover.{glob.escape(str(holder.get('token')))}.*"):
+            for left in self.run_dir.glob(f"{glob.escape(claims)}*"):
                 left.unlink(missing_ok=True)  # by drivers that died taking over the lease now replaced
             return True
         finally:
