@@ -105,6 +105,7 @@ def test_a_run_removes_planted_near_duplicates_tops_up_to_exactly_n_or_says_why_
     assert len(records) == 5 and len({r["story"] for r in records}) == 5
     manifest = json.loads((tmp_path / "five" / "stories.manifest.json").read_text())
     assert manifest["records"] == 5 and manifest["dropped"]["near_duplicate"] >= 1
+    assert manifest["attempted"] > 5  # topped up past the near-duplicates
     # record 1 passed over, the others kept in plan order (the fifth comes from a top-up shard)
     assert [r["story"] for r in records[:4]] == STORIES[:4]
     short = run_cli(*args, "num_records=8", out_dir=tmp_path / "eight")
